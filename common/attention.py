@@ -1,0 +1,176 @@
+"""Scaled dot-product attention: one core, a fused path and a plain einsum reference.
+
+Layout everywhere is ``[batch, length, heads, head_dim]`` (the layout of
+``jax.nn.dot_product_attention``). Softmax always runs in float32.
+
+``implementation`` picks the kernel:
+  * ``None``: ``jax.nn.dot_product_attention`` chooses (cuDNN flash attention on GPUs when
+    the shapes and dtype allow it, XLA otherwise);
+  * ``"xla"`` / ``"cudnn"``: forwarded to ``jax.nn.dot_product_attention``;
+  * ``"einsum"``: the reference written out below (also the only path that supports dropout
+    on the attention weights, which the fused kernels do not).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from common import masks as masks_lib
+
+Array = jax.Array
+IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
+
+
+def einsum_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Reference attention; ``mask`` is boolean ``[b|1, h|1, q, k]``, True = may attend."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if k.shape[2] != q.shape[2]:  # grouped / multi-query: repeat the kv heads
+        rep = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores * scale  # [batch, heads, q_len, kv_len]
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # [b, q, h, d]
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Attention of ``q [b, q, h, d]`` over ``k, v [b, k, h_kv, d]`` -> ``[b, q, h, d]``.
+
+    ``is_causal`` adds the causal mask for the case ``q_len == kv_len`` (positions aligned);
+    with a KV cache pass an explicit ``mask`` built from absolute positions instead.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    if implementation == "einsum" or dropout_rate > 0.0:
+        if is_causal:
+            pos_q = jnp.arange(q.shape[1])
+            mask = masks_lib.combine(mask, masks_lib.causal_mask(pos_q, jnp.arange(k.shape[1])))
+        return einsum_attention(
+            q, k, v, mask=mask, bias=bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+        )
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, mask.shape[:1] + (q.shape[2],) + mask.shape[2:])
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, is_causal=is_causal, implementation=implementation
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with fused QKV for self-attention and a functional KV cache.
+
+    Self-attention when ``kv`` is None, cross-attention otherwise. The cache is an explicit
+    pytree ``{"k": [b, max_len, h, d], "v": [b, max_len, h, d]}`` written at ``cache_index``;
+    the caller passes it in and gets the updated one back (no mutable collections).
+    """
+
+    num_heads: int
+    head_dim: int
+    use_bias: bool = True
+    dropout: float = 0.0  # on the attention weights
+    implementation: str | None = None
+    kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
+    out_kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,  # [batch, q_len, d_model]
+        kv: Array | None = None,  # [batch, kv_len, d_kv] for cross-attention
+        *,
+        mask: Array | None = None,  # bool [b|1, h|1, q_len, kv_len]
+        is_causal: bool = False,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, dict[str, Array] | None]:
+        h, d = self.num_heads, self.head_dim
+        dense = lambda features, name, axes: nn.DenseGeneral(
+            features,
+            use_bias=self.use_bias,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        if kv is None:
+            qkv = dense((3, h, d), "qkv", ("embed", None, "heads", "kv"))(x)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [b, t, h, d]
+        else:
+            q = dense((h, d), "q", ("embed", "heads", "kv"))(x)
+            kvp = dense((2, h, d), "kv", ("embed", None, "heads", "kv"))(kv)
+            k, v = kvp[:, :, 0], kvp[:, :, 1]
+
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1
+            )
+            cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+
+        dropout_rate = 0.0 if deterministic else self.dropout
+        rng = self.make_rng("dropout") if dropout_rate > 0.0 else None
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            dropout_rate=dropout_rate,
+            dropout_rng=rng,
+            implementation=self.implementation,
+        )  # [batch, q_len, heads, head_dim]
+        out = nn.DenseGeneral(
+            x.shape[-1],
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            kernel_init=nn.with_logical_partitioning(
+                self.out_kernel_init, ("heads", "kv", "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(out)  # [batch, q_len, d_model]
+        return out, cache

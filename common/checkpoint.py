@@ -1,0 +1,139 @@
+"""One orbax ``CheckpointManager`` per run: atomic, keep-N, async, auto-resume.
+
+A checkpoint step holds three items:
+  * ``state``: the train state (params, optimizer state, step), restored onto whatever
+    shardings the caller's abstract state carries, so a run may resume on a different device
+    count;
+  * ``data``: the input pipeline's position (a small JSON dict), so a resumed run reads
+    exactly the batches an uninterrupted run would;
+  * ``meta``: the config the run was started with, so a workdir is never resumed under a
+    different model or data config.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a kill
+mid-save leaves the previous steps whole. A step that is present but unreadable (a
+corrupted or truncated file) is skipped with a warning, falling back to the newest readable
+one; garbage is never loaded silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds checkpoints of a run with a different config."""
+
+
+def _diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(saved) | set(current)):
+            key = f"{prefix}.{k}" if prefix else k
+            if k not in saved or k not in current:
+                out.append(f"{key}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}")
+            else:
+                out.extend(_diff(saved[k], current[k], key))
+        return out
+    if isinstance(saved, list | tuple) and isinstance(current, list | tuple):
+        saved, current = list(saved), list(current)
+    return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
+
+
+class Checkpointer:
+    """Save and restore ``(state, data_state)`` in ``directory``.
+
+    ``meta`` is a JSON-able dict describing what must not change across a resume (the model
+    and data config); restoring from a checkpoint whose meta differs raises
+    ``ConfigMismatchError`` naming the differing keys.
+    """
+
+    def __init__(
+        self, directory: str, *, meta: dict[str, Any], max_to_keep: int = 3, async_save: bool = True
+    ):
+        self.directory = os.path.abspath(directory)
+        self.meta = meta
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False):
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(self.meta),
+            ),
+            force=force,
+        )
+
+    def check_meta(self, step: int) -> None:
+        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        diffs = _diff(saved.meta, self.meta)
+        if diffs:
+            raise ConfigMismatchError(
+                f"{self.directory} holds checkpoints of a run with another config "
+                f"(step {step}); differing keys: "
+                + "; ".join(diffs)
+                + ". Use a fresh --workdir, or the same config."
+            )
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """Newest readable ``(step, state, data_state)``, or None when there is none.
+
+        ``abstract_state``: a tree of ``jax.ShapeDtypeStruct`` with shardings (or concrete
+        arrays) giving the target structure and placement.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        self.check_meta(steps[0])
+        for i, step in enumerate(steps):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, loudly
+                older = steps[i + 1] if i + 1 < len(steps) else None
+                log.warning(
+                    "checkpoint step %d in %s is unreadable (%s: %s); falling back to %s",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    e,
+                    f"step {older}" if older is not None else "nothing",
+                )
+                continue
+            return step, restored.state, dict(restored.data)
+        raise RuntimeError(
+            f"no checkpoint in {self.directory} is readable (steps {steps}); "
+            "move the directory away to start afresh"
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,1 @@
+"""Input data: tfds builders for the offline corpora, tokenizers, LM batching."""

@@ -1,0 +1,119 @@
+"""Language-model batches from one long token stream: packed training windows and eval windows.
+
+Training (``PackedWindows``): the stream (documents joined by an end-of-text token) is cut
+into windows of ``seq_len + 1`` tokens at a random offset per epoch, visited in a random
+order per epoch. Batch ``s`` is a pure function of ``(seed, s)``, so the pipeline's whole
+state is the next step number: saving it with the model makes a resumed run read exactly
+the batches an uninterrupted run would, on any number of processes.
+
+Evaluation (``eval_windows``): every token after the first is predicted exactly once, with
+windows of ``seq_len + 1`` tokens overlapping by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class PackedWindows:
+    """Infinite iterator of ``{"inputs", "targets"}`` int32 ``[rows, seq_len]`` batches.
+
+    ``rows`` is this process's slice (``process_rows``) of the global ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        process_rows: slice | None = None,
+    ):
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D stream, got shape {tokens.shape}")
+        self.num_windows = (len(tokens) - 1 - seq_len) // seq_len  # room for any offset
+        if self.num_windows < 1:
+            raise ValueError(
+                f"the token stream ({len(tokens)} tokens) is too short for one "
+                f"window of seq_len={seq_len} (+1 offset)"
+            )
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.rows = process_rows if process_rows is not None else slice(0, batch_size)
+        self.step = 0
+        self._epoch_cache: tuple[int, np.ndarray, int] | None = None
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch_cache = (
+                epoch,
+                rng.permutation(self.num_windows),
+                int(rng.integers(self.seq_len)),
+            )
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        idx = np.arange(self.batch_size)[self.rows] + step * self.batch_size  # global samples
+        starts = np.empty(len(idx), dtype=np.int64)
+        for j, g in enumerate(idx):
+            perm, offset = self._epoch(int(g // self.num_windows))
+            starts[j] = offset + perm[g % self.num_windows] * self.seq_len
+        windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]  # [rows, T+1]
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "seq_len", "batch_size"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"saved data state has {key}={state.get(key)!r}, this "
+                    f"pipeline has {getattr(self, key)!r}"
+                )
+        self.step = int(state["step"])
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None):
+    """Batches ``{"inputs", "targets", "weights"}`` covering ``tokens[1:]`` exactly once.
+
+    The last batch is padded with zero-weight rows. ``max_tokens`` truncates the stream.
+    Yields numpy arrays of shape ``[batch_size, seq_len]``.
+    """
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if max_tokens is not None:
+        tokens = tokens[: max_tokens + 1]
+    n_pred = len(tokens) - 1
+    n_windows = -(-n_pred // seq_len)
+    padded = np.zeros(n_windows * seq_len + 1, dtype=np.int32)
+    padded[: len(tokens)] = tokens
+    weights = np.zeros(n_windows * seq_len, dtype=np.float32)
+    weights[:n_pred] = 1.0
+    starts = np.arange(n_windows) * seq_len
+    for b in range(0, n_windows, batch_size):
+        s = starts[b : b + batch_size]
+        rows = len(s)
+        inputs = np.zeros((batch_size, seq_len), np.int32)
+        targets = np.zeros((batch_size, seq_len), np.int32)
+        w = np.zeros((batch_size, seq_len), np.float32)
+        inputs[:rows] = padded[s[:, None] + np.arange(seq_len)]
+        targets[:rows] = padded[s[:, None] + 1 + np.arange(seq_len)]
+        w[:rows] = weights[s[:, None] + np.arange(seq_len)]
+        yield {"inputs": inputs, "targets": targets, "weights": w}

@@ -1,0 +1,79 @@
+"""Small shared layers: the transformer MLP, logically partitioned Dense / Embed / LayerNorm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's "gelu_new"
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    name: str,
+    dtype: Any,
+    param_dtype: Any,
+    kernel_init: Callable[..., Any] = nn.initializers.normal(0.02),
+    use_bias: bool = True,
+) -> nn.Dense:
+    """``nn.Dense`` whose kernel carries logical axis names ``axes`` (in, out)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def layer_norm(name: str, *, eps: float, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+    """LayerNorm with logically partitioned scale/bias; statistics are computed in float32."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: ``Dense(d_ff) -> activation -> Dense(d_model) -> dropout``."""
+
+    d_ff: int
+    activation: str = "gelu"
+    dropout: float = 0.0
+    kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
+    out_kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        d_model = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.d_ff, ("embed", "mlp"), name="fc", kernel_init=self.kernel_init, **kw)(x)
+        h = activation(self.activation)(h)  # [batch, len, d_ff]
+        h = dense(d_model, ("mlp", "embed"), name="proj", kernel_init=self.out_kernel_init, **kw)(h)
+        return nn.Dropout(self.dropout)(h, deterministic=deterministic)

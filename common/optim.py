@@ -1,0 +1,94 @@
+"""Optimizers and learning-rate schedules built from a config.
+
+``config`` fields (an ``ml_collections.ConfigDict`` or anything with attributes):
+``lr``, ``schedule`` ("cosine" | "linear" | "inverse_sqrt" | "constant"), ``warmup_steps``,
+``total_steps``, ``min_lr_ratio``, ``b1``, ``b2``, ``eps``, ``weight_decay``, ``grad_clip``
+(global-norm clip, 0 disables).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ("cosine", "linear", "inverse_sqrt", "constant")
+
+
+def default_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """AdamW + warmup/cosine defaults (GPT-2/3 style betas), with ``overrides``."""
+    c = ml_collections.ConfigDict(
+        dict(
+            lr=6e-4,
+            schedule="cosine",
+            warmup_steps=0,
+            total_steps=1,
+            min_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            grad_clip=1.0,
+        )
+    )
+    c.update(overrides)
+    return c
+
+
+def schedule(config: Any) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` then the named decay."""
+    name, lr = config.schedule, config.lr
+    warmup, total = int(config.warmup_steps), int(config.total_steps)
+    end = lr * config.get("min_lr_ratio", 0.0) if hasattr(config, "get") else 0.0
+    if name not in SCHEDULES:
+        raise ValueError(f"optim.schedule={name!r} is not one of {SCHEDULES}")
+    if warmup < 0 or total <= 0 or warmup > total:
+        raise ValueError(
+            f"need 0 <= optim.warmup_steps ({warmup}) <= optim.total_steps "
+            f"({total}) and total_steps > 0"
+        )
+    if name == "inverse_sqrt":
+        # Vaswani et al. (2017) eq. 3 shape, normalised so the peak equals lr at `warmup`.
+        w = max(warmup, 1)
+
+        def inv_sqrt(step):
+            step = jnp.maximum(step, 1).astype(jnp.float32)
+            return lr * jnp.minimum(step / w, jnp.sqrt(w / step))
+
+        return inv_sqrt
+    decay_steps = total - warmup
+    decay = {
+        "cosine": optax.cosine_decay_schedule(lr, max(decay_steps, 1), alpha=end / lr if lr else 0),
+        "linear": optax.linear_schedule(lr, end, max(decay_steps, 1)),
+        "constant": optax.constant_schedule(lr),
+    }[name]
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on matrices (kernels and embeddings), not on biases and norm scales."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def adamw(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and a weight-decay mask; returns (tx, schedule)."""
+    sched = schedule(config)
+    parts = []
+    if config.grad_clip and config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    parts.append(
+        optax.adamw(
+            sched,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts), sched

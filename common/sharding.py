@@ -1,0 +1,109 @@
+"""Device mesh, logical-axis rules and placement of params and batches.
+
+Models annotate params and activations with *logical* axis names (``embed``, ``mlp``,
+``heads``, ``vocab``, ``batch``, ...). ``rules`` maps them onto the mesh axes ``data`` (pure
+data parallelism: params replicated) and ``fsdp`` (data parallel with params sharded along
+their ``embed`` dimension, ZeRO-3 style). The same code runs on one CPU, 8 simulated CPU
+devices, a GPU host or a multi-host TPU pod.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (None = replicated)
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("length", None),
+    ("vocab", None),
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+    ("norm", None),
+)
+
+
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Join a multi-process run (``jax.distributed.initialize``) when one is configured.
+
+    Arguments default to the environment variables ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; with none set this is a single-process
+    run and nothing happens (on Cloud TPU pods JAX discovers the cluster by itself when
+    ``coordinator="auto"``).
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        return
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    num_processes = num_processes or int(os.environ["JAX_NUM_PROCESSES"])
+    process_id = process_id if process_id is not None else int(os.environ["JAX_PROCESS_ID"])
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over all devices; ``-1`` takes whatever the other axis leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of mesh.data / mesh.fsdp may be -1")
+    if data == -1:
+        data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+    if fsdp == -1:
+        fsdp = n // data if data > 0 and n % data == 0 else 0
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
+    arr = np.asarray(devices).reshape(data, fsdp)
+    # Auto axes: params and batches are placed with NamedSharding and XLA propagates the rest.
+    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def logical_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of (possibly ``nn.Partitioned``-boxed) abstract values."""
+    specs = nn.get_partition_spec(tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch dimension split over every mesh axis, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(MESH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def process_batch_slice(global_batch: int) -> slice:
+    """Rows of the global batch this process feeds (each process loads only its shard)."""
+    n, i = jax.process_count(), jax.process_index()
+    if global_batch % n:
+        raise ValueError(f"global batch {global_batch} is not divisible by {n} processes")
+    per = global_batch // n
+    return slice(i * per, (i + 1) * per)
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place this process's rows of a host batch (a tree of numpy arrays) on the mesh."""
+
+    def put(x):
+        sharding = batch_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)

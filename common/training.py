@@ -1,0 +1,245 @@
+"""The training platform: train state, the pure jitted train step, the loop.
+
+* ``TrainState`` holds only arrays (step, params, optimizer state), so it checkpoints as is.
+* ``make_train_step`` returns the pure function ``(state, batch, rng) -> (state, metrics)``
+  with gradient accumulation (a ``lax.scan`` over micro-batches, so an accumulated step
+  equals the big-batch step) and the rng folded with the step, so a resumed run draws the
+  same dropout masks as an uninterrupted one.
+* ``train`` is the loop every experiment uses: mesh, sharded init, auto-resume, jit with
+  explicit shardings and donated state, logging, evaluation, checkpoints, and a clean stop on
+  a non-finite loss that leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from common import sharding as sharding_lib
+from common.checkpoint import Checkpointer
+from common.flops import measured_matmul_peak
+from common.metrics import MetricWriter
+from common.optim import adamw
+
+log = logging.getLogger(__name__)
+Batch = dict[str, Any]
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+class DataIterator(Protocol):
+    """Host-side input pipeline whose position can be saved and restored."""
+
+    def __next__(self) -> Batch: ...
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule | None = None,
+    accum_steps: int = 1,
+):
+    """Pure train step. ``loss_fn(params, batch, rng) -> (mean loss, aux metrics)``."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        if accum_steps == 1:
+            (loss, aux), grads = grad_fn(state.params, batch, rng)
+        else:
+
+            def split(x):  # [batch, ...] -> [accum, batch / accum, ...]; rows i::accum
+                x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+                return jnp.swapaxes(x, 0, 1)
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                (loss, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                carry = jax.tree.map(jnp.add, carry, (loss, aux, grads))
+                return carry, None
+
+            zero_aux = jax.eval_shape(
+                lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[0][1]
+            )
+            init = (
+                jnp.zeros((), jnp.float32),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux),
+                jax.tree.map(jnp.zeros_like, state.params),
+            )
+            (loss, aux, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
+            loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, (loss, aux, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            **aux,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "update_norm": optax.global_norm(updates),
+        }
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def create_state(
+    init_fn: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+    rules=sharding_lib.DEFAULT_RULES,
+) -> tuple[TrainState, Any]:
+    """Initialise a sharded ``TrainState`` directly on the mesh; returns (state, shardings).
+
+    ``init_fn(rng)`` returns the model's variables with logically partitioned params.
+    """
+    boxed = jax.eval_shape(init_fn, rng)["params"]
+    param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+    params = jax.jit(lambda r: nn.unbox(init_fn(r)["params"]), out_shardings=param_shardings)(rng)
+    opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings
+    state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), sharding_lib.replicated(mesh)),
+        params=params,
+        opt_state=opt_state,
+    )
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    return state, shardings
+
+
+def param_count(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    eval_metrics: dict[str, float]
+    resumed_from: int | None
+
+
+def train(
+    *,
+    config: Any,
+    workdir: str,
+    init_fn: Callable[[jax.Array], Any],
+    loss_fn: LossFn,
+    train_data: DataIterator,
+    evaluate: Callable[[Any, int], dict[str, float]] | None = None,
+    meta: dict[str, Any] | None = None,
+    flops_per_step: float | None = None,
+    tokens_per_step: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train for ``config.train.steps`` steps in ``workdir``, resuming if it holds a run.
+
+    Reads ``config.seed``, ``config.optim`` (see ``common.optim``), ``config.mesh`` (``data``,
+    ``fsdp``) and ``config.train`` (``steps``, ``accum_steps``, ``log_every``,
+    ``eval_every``, ``checkpoint_every``, ``keep_checkpoints``, ``async_checkpoint``).
+    """
+    tc = config.train
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    tx, schedule = adamw(config.optim)
+    rng = jax.random.key(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    state, shardings = create_state(init_fn, tx, mesh, init_rng, rules)
+    n_params = param_count(state.params)
+
+    ckpt = Checkpointer(
+        f"{workdir}/checkpoints",
+        meta=meta or {},
+        max_to_keep=tc.keep_checkpoints,
+        async_save=tc.async_checkpoint,
+    )
+    restored = ckpt.restore_latest(state)
+    resumed_from = None
+    if restored is not None:
+        resumed_from, state, data_state = restored
+        train_data.set_state(data_state)
+        log.info("resumed from step %d in %s", resumed_from, workdir)
+        print(f"resumed from checkpoint step {resumed_from}", flush=True)
+    start = int(state.step)
+
+    step_fn = jax.jit(
+        make_train_step(loss_fn, tx, schedule, tc.accum_steps),
+        in_shardings=(shardings, None, sharding_lib.replicated(mesh)),
+        out_shardings=(shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
+    peak = measured_matmul_peak() if (flops_per_step and tc.get("report_mfu", True)) else None
+    writer = MetricWriter(workdir, tc.steps, start_step=start)
+    print(
+        f"params={n_params:,} devices={jax.device_count()} mesh={dict(mesh.shape)} "
+        f"steps {start}->{tc.steps}",
+        flush=True,
+    )
+
+    last_good, eval_metrics = resumed_from, {}
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        for step in range(start, tc.steps):
+            batch = sharding_lib.put_batch(next(train_data), mesh)
+            state, metrics = step_fn(state, batch, train_rng)
+            steps_since += 1
+            done = step + 1
+            if step == start:  # keep compilation out of the throughput figures
+                jax.block_until_ready(state)
+                t_last, steps_since = time.perf_counter(), 0
+            if on_step is not None:
+                on_step(done)
+            is_log = done % tc.log_every == 0 or done == tc.steps
+            is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps
+            if is_log or is_ckpt:
+                metrics = jax.device_get(metrics)
+                if not math.isfinite(float(metrics["loss"])):
+                    raise NonFiniteLossError(
+                        f"loss is {float(metrics['loss'])} at step {done}; stopping. The last "
+                        f"good checkpoint (step {last_good}) in {ckpt.directory} is kept."
+                    )
+            if is_log:
+                if steps_since:
+                    dt = (time.perf_counter() - t_last) / steps_since
+                    t_last, steps_since = time.perf_counter(), 0
+                    metrics["step_time_s"] = dt
+                    if tokens_per_step:
+                        metrics["tokens_per_s"] = tokens_per_step / dt
+                    if peak:
+                        metrics["mfu"] = flops_per_step / dt / peak
+                writer.write(done, metrics)
+            if evaluate is not None and (done % tc.eval_every == 0 or done == tc.steps):
+                eval_metrics = evaluate(state.params, done)
+                writer.write(done, eval_metrics, split="eval")
+                t_last = time.perf_counter()
+            if is_ckpt:
+                ckpt.save(done, state, train_data.get_state())
+                last_good = done
+    finally:
+        ckpt.close()
+        writer.close()
+    return TrainResult(state=state, eval_metrics=eval_metrics, resumed_from=resumed_from)

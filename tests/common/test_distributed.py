@@ -1,0 +1,49 @@
+"""Two local processes joined by ``jax.distributed`` (CPU collectives) train the same steps
+as one process over the same number of devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    single = tmp_path / "single.npz"
+    subprocess.run([sys.executable, WORKER, str(single)], env=_env(4), check=True, timeout=300)
+    multi = tmp_path / "multi.npz"
+    coord = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(multi), coord, "2", str(i)],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+
+    a, b = np.load(single), np.load(multi)
+    assert int(a["devices"]) == int(b["devices"]) == 4
+    assert set(a.files) == set(b.files)
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-5, err_msg=k)

@@ -1,0 +1,78 @@
+"""The training loop: a non-finite loss stops the run with a clear message and keeps the last
+good checkpoint; a second start on the same workdir resumes. (Plumbing: synthetic tokens.)"""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from common import optim, sharding, training
+from common.checkpoint import Checkpointer
+from common.data.packing import PackedWindows
+from nlp import gpt
+
+
+class Poisoned(PackedWindows):
+    """Token windows whose batch number ``poison_at`` makes the loss NaN."""
+
+    poison_at = -1
+
+    def __next__(self):
+        batch = super().__next__()
+        batch["poison"] = np.full((len(batch["inputs"]),), self.step - 1 == self.poison_at)
+        return batch
+
+
+def config(steps):
+    return ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            optim=optim.default_config(lr=1e-2, total_steps=steps),
+            mesh=dict(data=-1, fsdp=1, rules=[list(r) for r in sharding.DEFAULT_RULES]),
+            train=dict(
+                steps=steps,
+                accum_steps=1,
+                log_every=1,
+                eval_every=1000,
+                checkpoint_every=2,
+                keep_checkpoints=5,
+                async_checkpoint=False,
+                report_mfu=False,
+            ),
+        )
+    )
+
+
+def run(workdir, steps, poison_at=-1):
+    model = gpt.from_preset("gpt-tiny")
+    base = gpt.lm_loss_fn(model)
+
+    def loss_fn(params, batch, rng):
+        loss, aux = base(params, batch, rng)
+        return jnp.where(batch["poison"].any(), jnp.nan, loss), aux
+
+    tokens = np.random.default_rng(0).integers(0, 128, 4000)
+    data = Poisoned(tokens, 16, 8, seed=0)
+    data.poison_at = poison_at
+    return training.train(
+        config=config(steps),
+        workdir=str(workdir),
+        init_fn=lambda r: model.init(r, jnp.zeros((1, 16), jnp.int32)),
+        loss_fn=loss_fn,
+        train_data=data,
+        meta={"model": "gpt-tiny"},
+    )
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(
+        training.NonFiniteLossError, match=r"loss is nan at step 6.*last good checkpoint \(step 4\)"
+    ):
+        run(tmp_path, steps=10, poison_at=5)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), meta={"model": "gpt-tiny"})
+    assert ckpt.latest_step() == 4
+    ckpt.close()
+    # Starting again resumes from step 4 (the poison is gone) and finishes.
+    result = run(tmp_path, steps=10)
+    assert result.resumed_from == 4
+    assert int(result.state.step) == 10

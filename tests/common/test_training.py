@@ -1,0 +1,109 @@
+"""The train step: sharded over 8 simulated devices equals one device; gradient accumulation
+equals the big batch; schedules and the weight-decay mask follow their definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import optim, sharding, training
+from nlp import gpt
+
+
+def optim_config(**kw):
+    return optim.default_config(**{"lr": 1e-2, "warmup_steps": 2, "total_steps": 10, **kw})
+
+
+def run_steps(mesh, model, batches, accum_steps=1, n_steps=3):
+    tx, sched = optim.adamw(optim_config())
+    init_fn = lambda r: model.init(r, jnp.zeros((1, 16), jnp.int32))
+    state, shardings = training.create_state(init_fn, tx, mesh, jax.random.key(0))
+    step = jax.jit(
+        training.make_train_step(gpt.lm_loss_fn(model), tx, sched, accum_steps),
+        in_shardings=(shardings, None, sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    losses = []
+    for i in range(n_steps):
+        state, m = step(state, sharding.put_batch(batches[i], mesh), jax.random.key(1))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def random_batches(n, batch=8, length=16, vocab=128):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        w = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
+        out.append({"inputs": w[:, :-1], "targets": w[:, 1:]})
+    return out
+
+
+def test_eight_devices_are_simulated():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (1, 8)])
+def test_sharded_step_equals_single_device(data, fsdp):
+    model = gpt.from_preset("gpt-tiny", dropout=0.1)  # dropout on: rng handling is compared
+    batches = random_batches(3)
+    one = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    many = sharding.make_mesh(data, fsdp)
+    s1, l1 = run_steps(one, model, batches)
+    s8, l8 = run_steps(many, model, batches)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+    if fsdp > 1:  # params really are sharded along `embed`
+        kernel = s8.params["h_0"]["mlp"]["fc"]["kernel"]
+        assert kernel.sharding.spec[0] == "fsdp"
+        assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // fsdp
+
+
+def test_gradient_accumulation_equals_big_batch():
+    model = gpt.from_preset("gpt-tiny", dropout=0.0, attn_dropout=0.0)
+    batches = random_batches(2, batch=16)
+    mesh = sharding.make_mesh()
+    s1, l1 = run_steps(mesh, model, batches, accum_steps=1, n_steps=2)
+    s4, l4 = run_steps(mesh, model, batches, accum_steps=2, n_steps=2)
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+
+
+def test_schedules_follow_their_definitions():
+    cos = optim.schedule(optim_config(warmup_steps=10, total_steps=110))
+    assert float(cos(0)) == 0.0
+    assert float(cos(5)) == pytest.approx(5e-3)
+    assert float(cos(10)) == pytest.approx(1e-2)
+    assert float(cos(60)) == pytest.approx(1e-3 + 0.5 * 9e-3, rel=1e-4)  # half-way cosine
+    assert float(cos(110)) == pytest.approx(1e-3, rel=1e-4)
+    lin = optim.schedule(optim_config(schedule="linear", warmup_steps=0, total_steps=100))
+    assert float(lin(50)) == pytest.approx(0.5 * (1e-2 + 1e-3), rel=1e-4)
+    inv = optim.schedule(optim_config(schedule="inverse_sqrt", warmup_steps=100, total_steps=1000))
+    assert float(inv(50)) == pytest.approx(5e-3)
+    assert float(inv(400)) == pytest.approx(1e-2 * (100 / 400) ** 0.5)
+    with pytest.raises(ValueError, match="optim.schedule='cubic'"):
+        optim.schedule(optim_config(schedule="cubic"))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.schedule(optim_config(warmup_steps=20, total_steps=10))
+
+
+def test_weight_decay_mask_skips_biases_and_norms():
+    params = {
+        "dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+        "ln": {"scale": jnp.ones(3)},
+        "wte": {"embedding": jnp.ones((5, 3))},
+    }
+    mask = optim.decay_mask(params)
+    assert mask == {
+        "dense": {"kernel": True, "bias": False},
+        "ln": {"scale": False},
+        "wte": {"embedding": True},
+    }
+
+
+def test_mesh_must_cover_devices():
+    with pytest.raises(ValueError, match="does not cover the 8 devices"):
+        sharding.make_mesh(3, 1)
