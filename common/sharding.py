@@ -51,8 +51,8 @@ def maybe_initialize_distributed(
         return
     num_processes = num_processes or int(os.environ["JAX_NUM_PROCESSES"])
     process_id = process_id if process_id is not None else int(os.environ["JAX_PROCESS_ID"])
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between CPU processes (tests, CPU clusters); GPUs and TPUs use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 

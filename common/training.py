@@ -97,9 +97,9 @@ def make_train_step(
         metrics = {
             "loss": loss,
             **aux,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
         }
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
@@ -122,7 +122,10 @@ def create_state(
     boxed = jax.eval_shape(init_fn, rng)["params"]
     param_shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
     params = jax.jit(lambda r: nn.unbox(init_fn(r)["params"]), out_shardings=param_shardings)(rng)
-    opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings
+    opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings...
+    opt_state = jax.tree.map(  # ...while scalars (step counts) are replicated explicitly
+        lambda x: x if len(x.sharding.device_set) == mesh.size
+        else jax.device_put(x, sharding_lib.replicated(mesh)), opt_state)
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), sharding_lib.replicated(mesh)),
         params=params,

@@ -46,4 +46,10 @@ def test_two_processes_train_like_one(tmp_path):
     assert set(a.files) == set(b.files)
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
     for k in a.files:
-        np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-5, err_msg=k)
+        x, y = a[k], b[k]
+        if k.endswith("['qkv']['bias']"):
+            # The key bias shifts every score of a query equally, so softmax cancels it and its
+            # true gradient is 0: what it gets is rounding noise, which Adam scales up to
+            # lr-sized steps. Compare the query and value biases only.
+            x, y = x[[0, 2]], y[[0, 2]]
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5, err_msg=k)

@@ -31,6 +31,19 @@ def run_steps(mesh, model, batches, accum_steps=1, n_steps=3):
     return state, losses
 
 
+def assert_same_params(p1, p2):
+    """Equal up to reduction order. The key bias is skipped: it shifts every score of a query
+    equally, so softmax cancels it and its true gradient is 0; it gets rounding noise, which
+    Adam scales up to lr-sized steps."""
+    flat1 = jax.tree_util.tree_flatten_with_path(p1)[0]
+    flat2 = jax.tree_util.tree_flatten_with_path(p2)[0]
+    for (path, a), (_, b) in zip(flat1, flat2, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if jax.tree_util.keystr(path).endswith("['qkv']['bias']"):
+            a, b = a[[0, 2]], b[[0, 2]]
+        np.testing.assert_allclose(a, b, atol=5e-6, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
 def random_batches(n, batch=8, length=16, vocab=128):
     rng = np.random.default_rng(0)
     out = []
@@ -53,8 +66,7 @@ def test_sharded_step_equals_single_device(data, fsdp):
     s1, l1 = run_steps(one, model, batches)
     s8, l8 = run_steps(many, model, batches)
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+    assert_same_params(s1.params, s8.params)
     if fsdp > 1:  # params really are sharded along `embed`
         kernel = s8.params["h_0"]["mlp"]["fc"]["kernel"]
         assert kernel.sharding.spec[0] == "fsdp"
@@ -68,8 +80,7 @@ def test_gradient_accumulation_equals_big_batch():
     s1, l1 = run_steps(mesh, model, batches, accum_steps=1, n_steps=2)
     s4, l4 = run_steps(mesh, model, batches, accum_steps=2, n_steps=2)
     np.testing.assert_allclose(l1, l4, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+    assert_same_params(s1.params, s4.params)
 
 
 def test_schedules_follow_their_definitions():
