@@ -2,5 +2,7 @@
 
 import os
 
-# TensorFlow (pulled in by tfds and orbax) prints C++ INFO lines on import; keep warnings.
+# TensorFlow is imported (by tfds and orbax) only for data files, never for compute: keep its
+# C++ start-up chatter (INFO lines, the oneDNN notice) out of the run logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

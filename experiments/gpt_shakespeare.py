@@ -11,7 +11,8 @@ Variants and overrides:
 
 Held-out plays (``common.data.shakespeare``: validation Hamlet + Twelfth Night, test Macbeth
 + Henry V) are scored in bits per character, ``sum(nats) / ln 2 / characters``, which
-compares across tokenizers. Starting again on the same workdir resumes from its last
+compares across tokenizers, with sliding windows (each scored token sees at least half a
+context of preceding tokens; ``eval.stride``). Starting again on the same workdir resumes from its last
 checkpoint; the byte-level BPE vocabulary is trained on the training plays once and kept in
 the workdir.
 """
@@ -84,7 +85,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         async_checkpoint=True,
         report_mfu=True,
     )
-    c.eval = dict(batch_size=32, max_tokens=40_000)  # validation budget during training
+    c.eval = dict(
+        batch_size=32,
+        max_tokens=40_000,  # validation tokens scored during training (the final eval: all)
+        stride=0,  # sliding-window eval: windows every `stride` tokens; 0 = seq_len // 2
+    )
     c.sample = dict(
         num=2, prompt="ROMEO:", max_new_tokens=120, temperature=0.8, top_k=40, top_p=1.0
     )
@@ -128,7 +133,7 @@ def load_tokenizer(config, workdir: str, train_text: str) -> BPETokenizer:
     return tok
 
 
-def make_evaluator(model: gpt.GPT, mesh, batch_size: int):
+def make_evaluator(model: gpt.GPT, mesh, batch_size: int, stride: int):
     """``evaluate(params, tokens) -> (nats summed, tokens predicted)`` over a token stream."""
 
     @jax.jit
@@ -140,7 +145,7 @@ def make_evaluator(model: gpt.GPT, mesh, batch_size: int):
 
     def evaluate(params, tokens, max_tokens=None):
         nats, count = 0.0, 0.0
-        for batch in eval_windows(tokens, model.max_len, batch_size, max_tokens):
+        for batch in eval_windows(tokens, model.max_len, batch_size, max_tokens, stride):
             batch = sharding_lib.put_batch({k: v[rows] for k, v in batch.items()}, mesh)
             s, c = eval_step(params, batch)
             nats, count = nats + float(s), count + float(c)
@@ -190,7 +195,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         seed=config.seed,
         process_rows=sharding_lib.process_batch_slice(bs),
     )
-    evaluator = make_evaluator(model, mesh, config.eval.batch_size)
+    stride = config.eval.stride or seq_len // 2
+    evaluator = make_evaluator(model, mesh, config.eval.batch_size, stride)
 
     def evaluate(params, step):
         nats, n = evaluator(params, val_tokens, config.eval.max_tokens)

@@ -6,8 +6,8 @@ order per epoch. Batch ``s`` is a pure function of ``(seed, s)``, so the pipelin
 state is the next step number: saving it with the model makes a resumed run read exactly
 the batches an uninterrupted run would, on any number of processes.
 
-Evaluation (``eval_windows``): every token after the first is predicted exactly once, with
-windows of ``seq_len + 1`` tokens overlapping by one.
+Evaluation (``eval_windows``): every token after the first is scored exactly once, in
+non-overlapping windows or sliding windows that give each scored token more context.
 """
 
 from __future__ import annotations
@@ -91,29 +91,37 @@ class PackedWindows:
         self.step = int(state["step"])
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None):
-    """Batches ``{"inputs", "targets", "weights"}`` covering ``tokens[1:]`` exactly once.
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
+                 max_tokens: int | None = None, stride: int | None = None):
+    """Batches ``{"inputs", "targets", "weights"}`` scoring every token of ``tokens[1:]`` once.
 
-    The last batch is padded with zero-weight rows. ``max_tokens`` truncates the stream.
-    Yields numpy arrays of shape ``[batch_size, seq_len]``.
+    Windows of ``seq_len`` inputs start every ``stride`` tokens (default ``seq_len``: no
+    overlap). With ``stride < seq_len`` (sliding-window evaluation) each window after the
+    first scores only its last ``stride`` targets, so every scored token sees at least
+    ``seq_len - stride`` tokens of context. The last batch is padded with zero-weight rows;
+    ``max_tokens`` truncates the stream. Arrays are ``[batch_size, seq_len]``.
     """
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"eval stride must be in (0, seq_len={seq_len}], got {stride}")
     tokens = np.asarray(tokens, dtype=np.int32)
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]
     n_pred = len(tokens) - 1
-    n_windows = -(-n_pred // seq_len)
-    padded = np.zeros(n_windows * seq_len + 1, dtype=np.int32)
+    n_windows = 1 + max(0, -(-(n_pred - seq_len) // stride))
+    starts = np.arange(n_windows) * stride
+    padded = np.zeros(starts[-1] + seq_len + 1, dtype=np.int32)
     padded[: len(tokens)] = tokens
-    weights = np.zeros(n_windows * seq_len, dtype=np.float32)
-    weights[:n_pred] = 1.0
-    starts = np.arange(n_windows) * seq_len
+    offsets = np.arange(seq_len)
     for b in range(0, n_windows, batch_size):
         s = starts[b : b + batch_size]
         rows = len(s)
         inputs = np.zeros((batch_size, seq_len), np.int32)
         targets = np.zeros((batch_size, seq_len), np.int32)
         w = np.zeros((batch_size, seq_len), np.float32)
-        inputs[:rows] = padded[s[:, None] + np.arange(seq_len)]
-        targets[:rows] = padded[s[:, None] + 1 + np.arange(seq_len)]
-        w[:rows] = weights[s[:, None] + np.arange(seq_len)]
+        inputs[:rows] = padded[s[:, None] + offsets]
+        targets[:rows] = padded[s[:, None] + 1 + offsets]
+        first_scored = np.where(s == 0, 0, seq_len - stride)[:, None]  # [rows, 1]
+        target_index = s[:, None] + offsets  # index into tokens[1:]
+        w[:rows] = (offsets >= first_scored) & (target_index < n_pred)
         yield {"inputs": inputs, "targets": targets, "weights": w}
