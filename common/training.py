@@ -124,8 +124,13 @@ def create_state(
     params = jax.jit(lambda r: nn.unbox(init_fn(r)["params"]), out_shardings=param_shardings)(rng)
     opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings...
     opt_state = jax.tree.map(  # ...while scalars (step counts) are replicated explicitly
-        lambda x: x if len(x.sharding.device_set) == mesh.size
-        else jax.device_put(x, sharding_lib.replicated(mesh)), opt_state)
+        lambda x: (
+            x
+            if len(x.sharding.device_set) == mesh.size
+            else jax.device_put(x, sharding_lib.replicated(mesh))
+        ),
+        opt_state,
+    )
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), sharding_lib.replicated(mesh)),
         params=params,
@@ -157,7 +162,6 @@ def train(
     meta: dict[str, Any] | None = None,
     flops_per_step: float | None = None,
     tokens_per_step: int | None = None,
-    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train for ``config.train.steps`` steps in ``workdir``, resuming if it holds a run.
 
@@ -214,16 +218,18 @@ def train(
             if step == start:  # keep compilation out of the throughput figures
                 jax.block_until_ready(state)
                 t_last, steps_since = time.perf_counter(), 0
-            if on_step is not None:
-                on_step(done)
             is_log = done % tc.log_every == 0 or done == tc.steps
             is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps
             if is_log or is_ckpt:
                 metrics = jax.device_get(metrics)
                 if not math.isfinite(float(metrics["loss"])):
+                    kept = (
+                        f"The last good checkpoint (step {last_good}) in {ckpt.directory} is kept."
+                        if last_good is not None
+                        else "No checkpoint was saved."
+                    )
                     raise NonFiniteLossError(
-                        f"loss is {float(metrics['loss'])} at step {done}; stopping. The last "
-                        f"good checkpoint (step {last_good}) in {ckpt.directory} is kept."
+                        f"loss is {float(metrics['loss'])} at step {done}; stopping. {kept}"
                     )
             if is_log:
                 if steps_since:
@@ -238,7 +244,7 @@ def train(
             if evaluate is not None and (done % tc.eval_every == 0 or done == tc.steps):
                 eval_metrics = evaluate(state.params, done)
                 writer.write(done, eval_metrics, split="eval")
-                t_last = time.perf_counter()
+                t_last, steps_since = time.perf_counter(), 0  # eval time is not step time
             if is_ckpt:
                 ckpt.save(done, state, train_data.get_state())
                 last_good = done

@@ -12,9 +12,9 @@ Variants and overrides:
 Held-out plays (``common.data.shakespeare``: validation Hamlet + Twelfth Night, test Macbeth
 + Henry V) are scored in bits per character, ``sum(nats) / ln 2 / characters``, which
 compares across tokenizers, with sliding windows (each scored token sees at least half a
-context of preceding tokens; ``eval.stride``). Starting again on the same workdir resumes from its last
-checkpoint; the byte-level BPE vocabulary is trained on the training plays once and kept in
-the workdir.
+context of preceding tokens; ``eval.stride``). Starting again on the same workdir resumes
+from its last checkpoint; the byte-level BPE vocabulary is trained on the training plays
+once and kept in the workdir.
 """
 
 from __future__ import annotations

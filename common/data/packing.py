@@ -91,8 +91,13 @@ class PackedWindows:
         self.step = int(state["step"])
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
-                 max_tokens: int | None = None, stride: int | None = None):
+def eval_windows(
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+    stride: int | None = None,
+):
     """Batches ``{"inputs", "targets", "weights"}`` scoring every token of ``tokens[1:]`` once.
 
     Windows of ``seq_len`` inputs start every ``stride`` tokens (default ``seq_len``: no

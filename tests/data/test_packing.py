@@ -7,8 +7,9 @@ import pytest
 from common.data.packing import PackedWindows, eval_windows
 
 
-@pytest.mark.parametrize("n,seq_len,stride", [(100, 16, 16), (100, 16, 4), (17, 16, 8),
-                                              (5, 16, 16), (257, 32, 31)])
+@pytest.mark.parametrize(
+    "n,seq_len,stride", [(100, 16, 16), (100, 16, 4), (17, 16, 8), (5, 16, 16), (257, 32, 31)]
+)
 def test_eval_windows_score_each_target_once(n, seq_len, stride):
     tokens = np.arange(n)
     scored = []
@@ -35,8 +36,9 @@ def test_packed_windows_resume_and_process_split():
     b = PackedWindows(tokens, 16, 8, seed=3)
     b.set_state(a.get_state() | {"step": 4})
     np.testing.assert_array_equal(next(b)["inputs"], batches[4]["inputs"])
-    halves = [PackedWindows(tokens, 16, 8, seed=3, process_rows=slice(i * 4, i * 4 + 4))
-              for i in range(2)]
+    halves = [
+        PackedWindows(tokens, 16, 8, seed=3, process_rows=slice(i * 4, i * 4 + 4)) for i in range(2)
+    ]
     joined = np.concatenate([next(h)["inputs"] for h in halves])
     np.testing.assert_array_equal(joined, batches[0]["inputs"])
     np.testing.assert_array_equal(batches[0]["targets"][:, :-1], batches[0]["inputs"][:, 1:])

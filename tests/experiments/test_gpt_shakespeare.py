@@ -86,8 +86,9 @@ def test_short_run_learns_on_real_plays(tmp_path, tfds_dir):
     # Held-out plays: must beat the best context-free (unigram) model by a clear margin.
     # Measured: 3.50 bits/char against the unigram's 3.96 (vocab 512).
     tok = BPETokenizer.load(tmp_path / "tokenizer.json")
-    unigram = unigram_bits_per_char(tok, shakespeare.load_text("train", tfds_dir),
-                                    shakespeare.load_text("test", tfds_dir))
+    unigram = unigram_bits_per_char(
+        tok, shakespeare.load_text("train", tfds_dir), shakespeare.load_text("test", tfds_dir)
+    )
     assert summary["bits_per_char"] < unigram - 0.25, (summary, unigram)
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in records if r["split"] == "train"]

@@ -15,5 +15,9 @@ def test_zoo_prints_tab_separated_lines(capsys):
     zoo.main(["zoo", "gpt2-"])
     lines = capsys.readouterr().out.strip().split("\n")
     assert [line.split("\t")[0] for line in lines] == [
-        "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+        "gpt2-small",
+        "gpt2-medium",
+        "gpt2-large",
+        "gpt2-xl",
+    ]
     assert all(line.split("\t")[1].isdigit() for line in lines)
