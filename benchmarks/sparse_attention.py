@@ -17,8 +17,9 @@ Each variant is jitted once as ``q, k, v, cotangent -> dq, dk, dv`` (forward ins
 ``temp`` is ``compile().memory_analysis().temp_size_in_bytes`` and ``GFLOP`` XLA's cost
 analysis of the same executable. Timings alternate between variants (one call of each per
 round, best of the rounds); a variant whose buffers would not fit in the free RAM is
-compiled but not run. The last line is the ``RESULT`` of issue 3 (keys named after the
-lengths measured: ``--quick`` reports 2k in place of 8k and 16k).
+compiled but not run, and masked dense is timed only up to n = 4096 (beyond, a call takes
+as long as dense's: tens of seconds). The last line is the ``RESULT`` of issue 3 (keys
+named after the lengths measured: ``--quick`` reports 2k in place of 8k and 16k).
 """
 
 from __future__ import annotations
@@ -33,14 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import sparse_attention as sa
+from common.flops import measured_matmul_peak
 
 HEADS, HEAD_DIM, BATCH = 8, 64, 1
 LOCAL_BLOCK = 256  # Liu et al.
-SPARSE_L, SPARSE_C = 128, 8  # l ~ sqrt(n), c in {8, 16, 32} (Child et al. section 4.2)
+SPARSE_L, SPARSE_C = 128, 8  # l ~ sqrt(n), c in {8, 16, 32} (Child et al. section 4.3)
 COMPRESS_KERNEL, COMPRESS_STRIDE = 3, 3
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUICK_LENGTHS = (1024, 2048)
-ROUNDS = {1024: 5, 2048: 5, 4096: 3, 8192: 2, 16384: 2}
+ROUNDS = {1024: 3, 2048: 3, 4096: 2, 8192: 2, 16384: 2}  # timing rounds (best of)
+WARMUP_UP_TO = 2048  # one untimed call first at these lengths (at larger n a call is seconds)
+MASKED_TIMED_UP_TO = 4096  # masked dense costs what dense costs: beyond this, compile only
+SPARSE = ("local", "compressed", "strided", "fixed")
 FIT_FRACTION = 0.7  # run a variant only if its buffers need less than this share of free RAM
 
 
@@ -95,8 +100,8 @@ def _free_bytes() -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def measure(lengths, rounds=None):
-    """Rows ``{n, name, temp, flops, time or None, fits}`` for every length and variant."""
+def measure(lengths, rounds=None, warmup=True):
+    """Rows ``{n, name, temp, flops, time, skipped}`` for every length and variant."""
     rng = np.random.default_rng(0)
     feat = HEADS * HEAD_DIM
     weights = {
@@ -107,26 +112,34 @@ def measure(lengths, rounds=None):
     for n in lengths:
         shape = (BATCH, n, HEADS, HEAD_DIM)
         args = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4)]
-        compiled = {}
+        timed = []
         for name, fn in variants(n, weights).items():
             exe = jax.jit(_forward_backward(fn)).lower(*args).compile()
             mem = exe.memory_analysis()
             cost = exe.cost_analysis()
             cost = cost[0] if isinstance(cost, list | tuple) else cost
-            need = mem.temp_size_in_bytes + mem.output_size_in_bytes
             row = dict(n=n, name=name, temp=mem.temp_size_in_bytes, flops=cost["flops"])
-            row["fits"] = need < FIT_FRACTION * _free_bytes()
-            row["times"] = []
+            row.update(times=[], time=None, skipped=None)
+            if mem.temp_size_in_bytes + mem.output_size_in_bytes > FIT_FRACTION * _free_bytes():
+                row["skipped"] = "no fit in RAM"
+            elif name.startswith("masked") and n > MASKED_TIMED_UP_TO:
+                row["skipped"] = "not timed"
+            else:
+                timed.append((exe, row))
             rows.append(row)
-            if row["fits"]:
-                compiled[name] = (exe, row)
-        for exe, _ in compiled.values():  # warm-up
-            jax.block_until_ready(exe(*args))
-        for _ in range(rounds if rounds is not None else ROUNDS.get(n, 2)):
-            for exe, row in compiled.values():
-                start = time.perf_counter()
+        if warmup and n <= WARMUP_UP_TO:
+            for exe, _ in timed:
                 jax.block_until_ready(exe(*args))
-                row["times"].append(time.perf_counter() - start)
+        quota = rounds or ROUNDS.get(n, 2)
+        # Alternate: one call of each per round. The sparse variants take a round more (they
+        # cost seconds where dense costs tens of seconds), for a steadier local_growth.
+        extra = lambda row: int(rounds is None and row["name"] in SPARSE)
+        for i in range(quota + 1):
+            for exe, row in timed:
+                if i < quota + extra(row):
+                    start = time.perf_counter()
+                    jax.block_until_ready(exe(*args))
+                    row["times"].append(time.perf_counter() - start)
         for row in rows:
             if row["n"] == n:
                 row["time"] = min(row["times"]) if row["times"] else None
@@ -140,13 +153,15 @@ def _get(rows, n, name):
 
 def _print_row(row, rows):
     dense = _get(rows, row["n"], "dense")
-    t = "  skipped (no fit)" if row["time"] is None else f"{row['time'] * 1e3:17.1f}"
-    speed = "-"
-    if row["time"] is not None and dense["time"] is not None:
-        speed = f"{dense['time'] / row['time']:.2f}x"
+    t = f"{row['skipped']:>17s}" if row["time"] is None else f"{row['time'] * 1e3:17.1f}"
+    speed = mfu = "-"
+    if row["time"] is not None:
+        mfu = f"{100 * row['flops'] / row['time'] / measured_matmul_peak():.0f}%"
+        if dense["time"] is not None:
+            speed = f"{dense['time'] / row['time']:.2f}x"
     print(
         f"{row['n']:6d}  {row['name']:18s}{t}  {row['temp'] / 2**20:10.1f}  "
-        f"{row['flops'] / 1e9:9.1f}  {speed:>8s}  {dense['flops'] / row['flops']:7.2f}x",
+        f"{row['flops'] / 1e9:9.1f}  {speed:>8s}  {dense['flops'] / row['flops']:7.2f}x  {mfu:>5s}",
         flush=True,
     )
 
@@ -186,14 +201,20 @@ def main(argv=None):
     print(
         f"batch {BATCH}, {HEADS} heads x {HEAD_DIM}, float32, {jax.devices()[0].platform}; "
         f"forward+backward; local block {LOCAL_BLOCK}; strided/fixed l={SPARSE_L}, "
-        f"c={SPARSE_C}, merged; compressed kernel {COMPRESS_KERNEL} stride {COMPRESS_STRIDE}"
+        f"c={SPARSE_C}, merged; compressed kernel {COMPRESS_KERNEL} stride {COMPRESS_STRIDE}; "
+        f"measured float32 matmul peak {measured_matmul_peak() / 1e9:.0f} GFLOP/s"
     )
     print(
         f"{'n':>6s}  {'variant':18s}{'time ms (best)':>17s}  {'temp MiB':>10s}  "
-        f"{'GFLOP':>9s}  {'speedup':>8s}  {'FLOPs÷':>8s}"
+        f"{'GFLOP':>9s}  {'speedup':>8s}  {'FLOPs÷':>8s}  {'MFU':>5s}"
     )
-    rows = measure(lengths, args.rounds)
-    print("speedup = dense time / variant time; FLOPs÷ = dense FLOPs / variant FLOPs")
+    rows = measure(lengths, args.rounds or (2 if args.quick else None), warmup=not args.quick)
+    print(
+        "speedup = dense time / variant time; FLOPs÷ = dense FLOPs / variant FLOPs; "
+        "MFU = FLOPs / time / measured matmul peak; "
+        f"masked dense is timed up to n = {MASKED_TIMED_UP_TO} only (it costs what dense "
+        "costs); 'no fit in RAM': compiled for its memory and FLOPs, never run"
+    )
     print(result_line(rows, lengths))
 
 

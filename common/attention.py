@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from common import masks as masks_lib
+from common import sparse_attention
 
 Array = jax.Array
 IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
@@ -117,6 +118,7 @@ class MultiHeadAttention(nn.Module):
         *,
         mask: Array | None = None,  # bool [b|1, h|1, q_len, kv_len]
         is_causal: bool = False,
+        local_window: int | None = None,  # causal band of this width, computed blockwise
         cache: dict[str, Array] | None = None,
         cache_index: Array | None = None,
         deterministic: bool = True,
@@ -151,16 +153,23 @@ class MultiHeadAttention(nn.Module):
 
         dropout_rate = 0.0 if deterministic else self.dropout
         rng = self.make_rng("dropout") if dropout_rate > 0.0 else None
-        out = dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=is_causal,
-            dropout_rate=dropout_rate,
-            dropout_rng=rng,
-            implementation=self.implementation,
-        )  # [batch, q_len, heads, head_dim]
+        if local_window is not None:
+            if kv is not None or cache is not None or mask is not None:
+                raise ValueError("local_window is for self-attention without cache or mask")
+            out = sparse_attention.banded_attention(
+                q, k, v, window=local_window, dropout_rate=dropout_rate, dropout_rng=rng
+            )  # [batch, q_len, heads, head_dim]
+        else:
+            out = dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=is_causal,
+                dropout_rate=dropout_rate,
+                dropout_rng=rng,
+                implementation=self.implementation,
+            )  # [batch, q_len, heads, head_dim]
         out = nn.DenseGeneral(
             x.shape[-1],
             axis=(-2, -1),

@@ -5,20 +5,20 @@ self-attention (``k.shape == q.shape``), runs its softmax in float32 and never f
 ``n x n`` score matrix: a variant with blocks of ``l`` tokens keeps ``O(n * l)`` scores.
 
 * ``local_attention``: Liu et al. 2018 ("Generating Wikipedia by summarizing long
-  sequences"), section 4.2.3: blocks of ``block`` tokens, each query attends causally inside
-  its block and, with ``look_back``, to the whole previous block.
+  sequences"), T-DMCA, section 4.2.3: blocks of ``block`` tokens, each query attends
+  causally inside its block and, with ``look_back``, to the whole previous block.
 * ``banded_attention``: query ``i`` sees ``i - window < j <= i`` (exactly
   ``common.masks.band_mask``), GPT-3's locally banded layer (Brown et al. 2020, section 2.1).
-* ``memory_compressed_attention``: Liu et al. 2018, section 4.2.3: K and V go through a
-  strided convolution (kernel 3, stride 3), queries stay uncompressed. The convolution is
-  causal: K and V are left-padded by ``kernel - 1`` zeros, so slot ``s`` is built from
-  tokens ``s * stride - kernel + 1 .. s * stride`` and query ``i`` sees slot ``s`` iff
-  ``s * stride <= i``. Every query sees at least slot 0; it does *not* see the tokens after
-  its latest complete slot (up to ``stride - 1`` of them), which is the price of
-  compressing causally. (Liu et al. do not say how they align slots; this is our choice.)
-* ``strided_attention`` / ``fixed_attention``: the Sparse Transformer (Child et al. 2019,
-  section 4.2) patterns, each with two parts, ``A`` and ``B`` (always intersected with
-  ``j <= i``):
+* ``memory_compressed_attention``: Liu et al. 2018, T-DMCA, section 4.2.3: K and V go
+  through a strided convolution (kernel 3, stride 3), queries stay uncompressed. The
+  convolution is causal: K and V are left-padded by ``kernel - 1`` zeros, so slot ``s`` is
+  built from tokens ``s * stride - kernel + 1 .. s * stride`` and query ``i`` sees slot
+  ``s`` iff ``s * stride <= i``. Every query sees at least slot 0; it does *not* see the
+  tokens after its latest complete slot (up to ``stride - 1`` of them), which is the price
+  of compressing causally. (Liu et al. do not say how they align slots; this is our choice.)
+* ``strided_attention`` / ``fixed_attention``: the Sparse Transformer patterns (Child et al.
+  2019, section 4.3, "Two-dimensional factorized attention"), each with two parts, ``A``
+  and ``B`` (always intersected with ``j <= i``):
 
   ============  ==========================================  ===============================
   pattern       A                                           B
@@ -29,10 +29,10 @@ self-attention (``k.shape == q.shape``), runs its softmax in float32 and never f
 
   (``o`` = the head's offset, ``head_offsets``; 0 is the paper's ``{l - c, ..., l - 1}``;
   the paper prefers heads attending to distinct sub-blocks of length ``c``.) ``mode`` picks
-  one of the three integrations of section 4.3: ``"A"`` or ``"B"`` -- *interleaved*, one
-  part per call, the caller alternates them across residual blocks; ``"merged"`` -- every
-  head attends to ``A | B`` (a key in both is counted once); ``"multihead"`` -- heads
-  ``[0, h/2)`` use A, heads ``[h/2, h)`` use B.
+  one of the three integrations of section 5, "Factorized attention heads": ``"A"`` or
+  ``"B"`` -- *interleaved*, one part per call, the caller alternates them across residual
+  blocks; ``"merged"`` -- every head attends to ``A | B`` (a key in both is counted once);
+  ``"multihead"`` -- heads ``[0, h/2)`` use A, heads ``[h/2, h)`` use B.
 
   A query with no key at all outputs zeros: only fixed ``"B"`` (in interleaved or multihead
   mode) has such queries, the positions of block 0 before its first summary column.
@@ -49,7 +49,7 @@ How each pattern is computed (``l`` = block or stride, ``nb = n / l`` blocks):
   the two are merged with a log-sum-exp; part B is restricted to keys not already in A
   (strided: ``j < i``; fixed: earlier blocks), so no key is counted twice;
 * memory-compressed: query chunks against the slots they can see (the lower triangle
-  only), each chunk under ``jax.checkpoint`` so the backward pass keeps ``O(n * chunk)``.
+  only); this pattern is quadratic by nature, ``n * n / (2 * stride)`` scores.
 
 Any ``n`` works: sequences are padded at the end to a multiple of the block and the padding
 is stripped; padded keys lie after every real query, so causality hides them.
@@ -436,7 +436,7 @@ def banded_attention(
 
 
 def strided_attention(q: Array, k: Array, v: Array, *, stride: int, mode: str) -> Array:
-    """Sparse Transformer strided pattern (Child et al. 2019, section 4.2).
+    """Sparse Transformer strided pattern (Child et al. 2019, section 4.3).
 
     A: ``i - stride < j <= i``; B: ``j <= i`` with ``(i - j) mod stride == 0``. ``mode``:
     ``"A"`` / ``"B"`` (interleaved: the caller alternates them across residual blocks),
@@ -470,7 +470,7 @@ def fixed_attention(
     mode: str,
     head_offsets: Sequence[int] | None = None,
 ) -> Array:
-    """Sparse Transformer fixed pattern (Child et al. 2019, section 4.2).
+    """Sparse Transformer fixed pattern (Child et al. 2019, section 4.3).
 
     A: own block of ``block`` (= l) tokens, ``j <= i``; B: ``j <= i`` with
     ``j mod l in [l - c - o, l - o)`` for the head's offset ``o`` (``head_offsets``: one int
@@ -534,9 +534,11 @@ def compressed_attention(
     """Uncompressed queries ``[b, n, h, d]`` over compressed ``k_c, v_c [b, ceil(n/stride),
     h, *]`` (from ``compress_kv``); query ``i`` sees slot ``s`` iff ``s * stride <= i``.
 
-    Queries go in chunks of ``chunk * stride``; chunk ``r`` scores only the slots it can see
-    (``(r + 1) * chunk``), under ``jax.checkpoint``: the backward pass recomputes each
-    chunk's scores instead of keeping all ``n * n / stride`` of them.
+    Queries go in chunks of ``chunk * stride``; chunk ``r`` scores only the ``(r + 1) * chunk``
+    slots it can see, so about ``n * n / (2 * stride)`` scores in all (the pattern itself is
+    quadratic: ``stride`` times smaller than causal dense, no more). The backward pass keeps
+    them; wrap the layer in ``jax.checkpoint`` (a remat policy) to trade that memory for
+    recomputation.
     """
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, length, heads, head_dim], got shape {q.shape}")
@@ -557,18 +559,16 @@ def compressed_attention(
     outs = []
     for r in range(-(-n // q_chunk)):
         start, stop = r * q_chunk, min(n, (r + 1) * q_chunk)
-        seen = min(slots, (r + 1) * chunk)
-        rng = None if dropout_rate == 0.0 else jax.random.fold_in(dropout_rng, r)
-
-        @jax.checkpoint
-        def attend(q_r, k_r, v_r, rng, start=start):
-            i = start + jnp.arange(q_r.shape[1])
-            mask = jnp.arange(k_r.shape[1])[None, :] * stride <= i[:, None]  # [Q, slots]
-            dropout = None if rng is None else (dropout_rate, rng)
-            o, _, l = _partial(q_r, k_r, v_r, mask, 1.0 / math.sqrt(d), dropout)
-            return _finish(o, l, q.dtype)
-
-        outs.append(attend(q[:, start:stop], k_c[:, :seen], v_c[:, :seen], rng))
+        seen = min(slots, (r + 1) * chunk)  # the slots this chunk's last query can see
+        i = start + jnp.arange(stop - start)
+        mask = jnp.arange(seen)[None, :] * stride <= i[:, None]  # [Q, seen]
+        dropout = None
+        if dropout_rate > 0.0:
+            dropout = (dropout_rate, jax.random.fold_in(dropout_rng, r))
+        o, _, l = _partial(
+            q[:, start:stop], k_c[:, :seen], v_c[:, :seen], mask, 1.0 / math.sqrt(d), dropout
+        )
+        outs.append(_finish(o, l, q.dtype))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 

@@ -3,7 +3,7 @@
 Each variant's output and its gradients w.r.t. q, k, v must equal ``einsum_attention`` with
 the pattern's ``[n, n]`` mask (float32, 1e-5), for several n, l, c, including n not a
 multiple of l. The masks themselves are checked against a brute-force enumeration of the
-definitions in Child et al. 2019 (section 4.2/4.3) and Liu et al. 2018.
+definitions in Child et al. 2019 (sections 4.3 and 5) and Liu et al. 2018.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def test_strided_modes_cover_the_papers_positions(n, l):
     np.testing.assert_array_equal(merged, a | b)
     multi = sa.strided_mask(n, stride=l, mode="multihead", heads=6)
     np.testing.assert_array_equal(multi, np.stack([a] * 3 + [b] * 3))
-    # Section 4.2: every j <= i is reachable in two steps, in either interleaved order.
+    # Child et al. 4.3: every j <= i is reachable in two steps, in either interleaved order.
     causal = np.tril(np.ones((n, n), bool))
     for first, second in ((a, b), (b, a), (merged, merged)):
         np.testing.assert_array_equal((second.astype(int) @ first.astype(int)) > 0, causal)
