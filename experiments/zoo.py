@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from nlp import gpt
+from vision import swin, vit
 
 
 def _count(init: Callable[[], object]) -> int:
@@ -28,8 +29,20 @@ def _gpt() -> Iterator[tuple[str, Callable[[], object]]]:
         yield name, lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
 
 
+def _images(module) -> Iterator[tuple[str, Callable[[], object]]]:
+    """ViT / Swin presets at their own resolution, with the 1000-class ImageNet head."""
+    for name in module.PRESETS:
+        model = module.from_preset(name)
+        shape = module.example_images(model).shape
+        yield name, lambda m=model, s=shape: m.init(jax.random.key(0), jnp.zeros(s, jnp.float32))
+
+
 # One entry per family; later families add theirs here.
-FAMILIES: tuple[Callable[[], Iterator[tuple[str, Callable[[], object]]]], ...] = (_gpt,)
+FAMILIES: tuple[Callable[[], Iterator[tuple[str, Callable[[], object]]]], ...] = (
+    _gpt,
+    lambda: _images(vit),
+    lambda: _images(swin),
+)
 
 
 def presets() -> Iterator[tuple[str, int]]:

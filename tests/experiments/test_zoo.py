@@ -2,11 +2,14 @@
 
 from experiments import zoo
 from nlp import gpt
+from vision import swin, vit
 
 
 def test_zoo_lists_every_preset_once():
     rows = dict(zoo.presets())
-    assert set(gpt.PRESETS) <= set(rows)
+    assert set(gpt.PRESETS) | set(vit.PRESETS) | set(swin.PRESETS) <= set(rows)
+    assert rows["vit-b/16"] == 86_567_656  # ViTForImageClassification, 1000 classes
+    assert rows["swin-t"] == 28_288_354  # SwinForImageClassification
     assert rows["gpt2-small"] == 124_439_808  # GPT2LMHeadModel, tied head counted once
     assert rows["gpt1"] == 116_534_784  # OpenAIGPTLMHeadModel
 
