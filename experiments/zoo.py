@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from nlp import gpt
+from nlp import gpt, transformer
 from vision import swin, vit
 
 
@@ -29,6 +29,13 @@ def _gpt() -> Iterator[tuple[str, Callable[[], object]]]:
         yield name, lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
 
 
+def _transformer() -> Iterator[tuple[str, Callable[[], object]]]:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    for name in transformer.PRESETS:
+        model = transformer.from_preset(name)
+        yield name, lambda m=model: m.init(jax.random.key(0), tokens, tokens)
+
+
 def _images(module) -> Iterator[tuple[str, Callable[[], object]]]:
     """ViT / Swin presets at their own resolution, with the 1000-class ImageNet head."""
     for name in module.PRESETS:
@@ -40,6 +47,7 @@ def _images(module) -> Iterator[tuple[str, Callable[[], object]]]:
 # One entry per family; later families add theirs here.
 FAMILIES: tuple[Callable[[], Iterator[tuple[str, Callable[[], object]]]], ...] = (
     _gpt,
+    _transformer,
     lambda: _images(vit),
     lambda: _images(swin),
 )
