@@ -19,7 +19,6 @@ Input and output embeddings are tied. ``__call__`` takes an optional explicit KV
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -27,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import masks
+from common import masks, presets
 from common.attention import IMPLEMENTATIONS, MultiHeadAttention
 from common.layers import MLP, layer_norm
 from common.losses import cross_entropy
@@ -314,10 +313,4 @@ def lm_loss_fn(model: GPT):
 
 def from_preset(name: str, **overrides: Any) -> GPT:
     """``GPT`` built from a named preset, with field overrides (unknown fields fail)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(GPT)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown GPT fields {sorted(unknown)}")
-    return GPT(**{**PRESETS[name], **overrides})
+    return presets.build(GPT, PRESETS, name, **overrides)

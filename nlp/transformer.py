@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import masks
+from common import masks, presets
 from common.attention import IMPLEMENTATIONS, dot_product_attention
 from common.layers import ACTIVATIONS, MLP, layer_norm
 from common.losses import cross_entropy
@@ -449,13 +449,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def from_preset(name: str, **overrides: Any) -> Transformer:
     """``Transformer`` built from a named preset, with field overrides (unknown fields fail)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown Transformer preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(Transformer)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown Transformer fields {sorted(unknown)}")
-    return Transformer(**{**PRESETS[name], **overrides})
+    return presets.build(Transformer, PRESETS, name, **overrides)
 
 
 # --------------------------------------------------------------------------- loss

@@ -44,7 +44,6 @@ detection and segmentation heads. Images are channels-last ``[batch, height, wid
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -52,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import presets
 from common.attention import IMPLEMENTATIONS, dot_product_attention
 from common.layers import ACTIVATIONS, MLP, layer_norm
 
@@ -540,13 +540,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def from_preset(name: str, **overrides: Any) -> Swin:
     """``Swin`` built from a named preset, with field overrides (unknown fields fail)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown Swin preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(Swin)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown Swin fields {sorted(unknown)}")
-    return Swin(**{**PRESETS[name], **overrides})
+    return presets.build(Swin, PRESETS, name, **overrides)
 
 
 def example_images(model: Swin, batch: int = 1) -> jax.ShapeDtypeStruct:

@@ -21,7 +21,6 @@ paper; ViT-Ti and ViT-S are DeiT's (Touvron et al. 2021). ``vit-toy`` is for tes
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import presets
 from common.attention import IMPLEMENTATIONS, MultiHeadAttention
 from common.layers import ACTIVATIONS, MLP, dense, layer_norm
 
@@ -359,13 +359,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def from_preset(name: str, **overrides: Any) -> ViT:
     """``ViT`` built from a named preset, with field overrides (unknown fields fail)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown ViT preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ViT)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown ViT fields {sorted(unknown)}")
-    return ViT(**{**PRESETS[name], **overrides})
+    return presets.build(ViT, PRESETS, name, **overrides)
 
 
 def example_images(model: ViT, batch: int = 1) -> jax.ShapeDtypeStruct:
