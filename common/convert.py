@@ -60,6 +60,24 @@ _HF_WEIGHT_FILES = (
 # --------------------------------------------------------------------------- loading
 
 
+# Hugging Face activation names (transformers' ACT2FN, where "gelu" is the exact erf GELU)
+# -> ours (``common.layers.ACTIVATIONS``).
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",  # same function as gelu_new, written differently
+    "relu": "relu",
+}
+
+
+def config_get(cfg: Any, name: str, default: Any = None) -> Any:
+    """A field of a Hugging Face config object or of its ``config.json`` dict."""
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """A torch tensor / numpy / jax array as numpy; floating dtypes become float32."""
     if type(x).__module__.startswith("torch"):

@@ -39,23 +39,9 @@ _NAMES = {
     "openai-gpt": dict(wte="tokens_embed", wpe="positions_embed", ln_f=None),
 }
 
-# HF activation names -> ours. GPT-2 uses transformers' ACT2FN (where "gelu" is the exact
-# erf GELU); OpenAI GPT uses its own ACT_FNS, where "gelu" is the tanh approximation
-# (``gelu_new``), as in the original GPT-1 code.
-_GPT2_ACTIVATIONS = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",  # same function as gelu_new, written differently
-    "gelu": "gelu",
-    "relu": "relu",
-}
+# OpenAI GPT uses its own ACT_FNS, where "gelu" is the tanh approximation (``gelu_new``),
+# as in the original GPT-1 code; GPT-2 uses transformers' ACT2FN (``convert.HF_ACTIVATIONS``).
 _OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
 
 
 def gpt_config_from_hf(hf_config: Any) -> dict[str, Any]:
@@ -66,10 +52,10 @@ def gpt_config_from_hf(hf_config: Any) -> dict[str, Any]:
     activations we lack). Dropout rates are mapped but only matter for training; GPT uses one
     rate for embeddings and residual branches (``resid_pdrop``).
     """
-    model_type = _get(hf_config, "model_type")
+    model_type = convert.config_get(hf_config, "model_type")
     if model_type not in _NAMES:
         raise ValueError(f"unsupported model_type {model_type!r}: expected 'gpt2' or 'openai-gpt'")
-    d_model = _get(hf_config, "n_embd")
+    d_model = convert.config_get(hf_config, "n_embd")
     problems = []
     if model_type == "gpt2":
         for name, bad in (
@@ -78,30 +64,33 @@ def gpt_config_from_hf(hf_config: Any) -> dict[str, Any]:
             ("reorder_and_upcast_attn", True),
             ("add_cross_attention", True),
         ):
-            if _get(hf_config, name, not bad) == bad:
+            if convert.config_get(hf_config, name, not bad) == bad:
                 problems.append(f"{name}={bad}")
-        act_name, table = _get(hf_config, "activation_function", "gelu_new"), _GPT2_ACTIVATIONS
-        d_ff = _get(hf_config, "n_inner") or 4 * d_model
+        act_name, table = (
+            convert.config_get(hf_config, "activation_function", "gelu_new"),
+            convert.HF_ACTIVATIONS,
+        )
+        d_ff = convert.config_get(hf_config, "n_inner") or 4 * d_model
     else:
-        act_name, table = _get(hf_config, "afn", "gelu"), _OPENAI_GPT_ACTIVATIONS
+        act_name, table = convert.config_get(hf_config, "afn", "gelu"), _OPENAI_GPT_ACTIVATIONS
         d_ff = 4 * d_model
     if act_name not in table:
         problems.append(f"activation {act_name!r} (supported: {sorted(table)})")
-    if not _get(hf_config, "tie_word_embeddings", True):
+    if not convert.config_get(hf_config, "tie_word_embeddings", True):
         problems.append("tie_word_embeddings=False")
     if problems:
         raise ValueError(f"unsupported {model_type} config: " + "; ".join(problems))
     return dict(
-        vocab_size=_get(hf_config, "vocab_size"),
-        max_len=_get(hf_config, "n_positions"),
-        num_layers=_get(hf_config, "n_layer"),
-        num_heads=_get(hf_config, "n_head"),
+        vocab_size=convert.config_get(hf_config, "vocab_size"),
+        max_len=convert.config_get(hf_config, "n_positions"),
+        num_layers=convert.config_get(hf_config, "n_layer"),
+        num_heads=convert.config_get(hf_config, "n_head"),
         d_model=d_model,
         d_ff=d_ff,
         pre_norm=model_type == "gpt2",
-        dropout=_get(hf_config, "resid_pdrop", 0.1),
-        attn_dropout=_get(hf_config, "attn_pdrop", 0.1),
-        layer_norm_eps=_get(hf_config, "layer_norm_epsilon", 1e-5),
+        dropout=convert.config_get(hf_config, "resid_pdrop", 0.1),
+        attn_dropout=convert.config_get(hf_config, "attn_pdrop", 0.1),
+        layer_norm_eps=convert.config_get(hf_config, "layer_norm_epsilon", 1e-5),
         activation=table[act_name],
         scaled_residual_init=model_type == "gpt2",
         attention="dense",

@@ -50,19 +50,6 @@ LEGACY_RENAMES = (
     (r"\.intermediate\.dense\.", ".mlp.fc1."),
     (r"\.output\.dense\.", ".mlp.fc2."),
 )
-_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "relu": "relu",
-}
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
 
 
 def swin_config_from_hf(hf_config: Any, *, with_head: bool = True) -> dict[str, Any]:
@@ -72,41 +59,41 @@ def swin_config_from_hf(hf_config: Any, *, with_head: bool = True) -> dict[str, 
     headless ``SwinModel`` (``num_classes = 0``).
     """
     problems = []
-    act = _get(hf_config, "hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
-        problems.append(f"hidden_act {act!r} (supported: {sorted(_ACTIVATIONS)})")
-    if not _get(hf_config, "qkv_bias", True):
+    act = convert.config_get(hf_config, "hidden_act", "gelu")
+    if act not in convert.HF_ACTIVATIONS:
+        problems.append(f"hidden_act {act!r} (supported: {sorted(convert.HF_ACTIVATIONS)})")
+    if not convert.config_get(hf_config, "qkv_bias", True):
         problems.append("qkv_bias=False")
-    if _get(hf_config, "use_absolute_embeddings", False):
+    if convert.config_get(hf_config, "use_absolute_embeddings", False):
         problems.append("use_absolute_embeddings=True")
-    eps = _get(hf_config, "layer_norm_eps", 1e-5)
+    eps = convert.config_get(hf_config, "layer_norm_eps", 1e-5)
     if eps != 1e-5:
         problems.append(f"layer_norm_eps={eps} (HF's patch/merge norms use 1e-5)")
-    patch = _get(hf_config, "patch_size", 4)
+    patch = convert.config_get(hf_config, "patch_size", 4)
     if not isinstance(patch, int):
         if patch[0] != patch[1]:
             problems.append(f"non-square patch_size {patch}")
         patch = patch[0]
-    image_size = _get(hf_config, "image_size", 224)
+    image_size = convert.config_get(hf_config, "image_size", 224)
     if not isinstance(image_size, int):
         image_size = image_size[0]
     if problems:
         raise ValueError("unsupported Swin config: " + "; ".join(problems))
     return dict(
-        num_classes=_get(hf_config, "num_labels", 2) if with_head else 0,
+        num_classes=convert.config_get(hf_config, "num_labels", 2) if with_head else 0,
         image_size=image_size,
         patch_size=patch,
-        num_channels=_get(hf_config, "num_channels", 3),
-        embed_dim=_get(hf_config, "embed_dim", 96),
-        depths=tuple(_get(hf_config, "depths", (2, 2, 6, 2))),
-        num_heads=tuple(_get(hf_config, "num_heads", (3, 6, 12, 24))),
-        window_size=_get(hf_config, "window_size", 7),
-        mlp_ratio=float(_get(hf_config, "mlp_ratio", 4.0)),
-        dropout=_get(hf_config, "hidden_dropout_prob", 0.0),
-        attn_dropout=_get(hf_config, "attention_probs_dropout_prob", 0.0),
-        drop_path_rate=_get(hf_config, "drop_path_rate", 0.1),
+        num_channels=convert.config_get(hf_config, "num_channels", 3),
+        embed_dim=convert.config_get(hf_config, "embed_dim", 96),
+        depths=tuple(convert.config_get(hf_config, "depths", (2, 2, 6, 2))),
+        num_heads=tuple(convert.config_get(hf_config, "num_heads", (3, 6, 12, 24))),
+        window_size=convert.config_get(hf_config, "window_size", 7),
+        mlp_ratio=float(convert.config_get(hf_config, "mlp_ratio", 4.0)),
+        dropout=convert.config_get(hf_config, "hidden_dropout_prob", 0.0),
+        attn_dropout=convert.config_get(hf_config, "attention_probs_dropout_prob", 0.0),
+        drop_path_rate=convert.config_get(hf_config, "drop_path_rate", 0.1),
         layer_norm_eps=eps,
-        activation=_ACTIVATIONS[act],
+        activation=convert.HF_ACTIVATIONS[act],
     )
 
 

@@ -41,20 +41,6 @@ LEGACY_RENAMES = (
     (r"\.intermediate\.dense\.", ".mlp.fc1."),
     (r"\.output\.dense\.", ".mlp.fc2."),
 )
-# HF activation names -> ours (transformers' ACT2FN: "gelu" is the exact erf GELU).
-_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "relu": "relu",
-}
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
 
 
 def rename_legacy_keys(state_dict: Mapping[str, Any], renames=LEGACY_RENAMES) -> dict[str, Any]:
@@ -77,43 +63,45 @@ def vit_config_from_hf(
     (dense + tanh on the class token) as ``representation_size``.
     """
     problems = []
-    act = _get(hf_config, "hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
-        problems.append(f"hidden_act {act!r} (supported: {sorted(_ACTIVATIONS)})")
-    if not _get(hf_config, "qkv_bias", True):
+    act = convert.config_get(hf_config, "hidden_act", "gelu")
+    if act not in convert.HF_ACTIVATIONS:
+        problems.append(f"hidden_act {act!r} (supported: {sorted(convert.HF_ACTIVATIONS)})")
+    if not convert.config_get(hf_config, "qkv_bias", True):
         problems.append("qkv_bias=False")
-    if with_pooler and _get(hf_config, "pooler_act", "tanh") != "tanh":
-        problems.append(f"pooler_act={_get(hf_config, 'pooler_act')!r}")
-    d_model = _get(hf_config, "hidden_size", 768)
-    heads = _get(hf_config, "num_attention_heads", 12)
-    head_dim = _get(hf_config, "head_dim", None)
+    if with_pooler and convert.config_get(hf_config, "pooler_act", "tanh") != "tanh":
+        problems.append(f"pooler_act={convert.config_get(hf_config, 'pooler_act')!r}")
+    d_model = convert.config_get(hf_config, "hidden_size", 768)
+    heads = convert.config_get(hf_config, "num_attention_heads", 12)
+    head_dim = convert.config_get(hf_config, "head_dim", None)
     if head_dim is not None and head_dim * heads != d_model:
         problems.append(f"head_dim={head_dim} x {heads} heads != hidden_size={d_model}")
     if problems:
         raise ValueError("unsupported ViT config: " + "; ".join(problems))
-    image_size = _get(hf_config, "image_size", 224)
-    patch = _get(hf_config, "patch_size", 16)
+    image_size = convert.config_get(hf_config, "image_size", 224)
+    patch = convert.config_get(hf_config, "patch_size", 16)
     if not isinstance(patch, int):
         if patch[0] != patch[1]:
             raise ValueError(f"unsupported ViT config: non-square patch_size {patch}")
         patch = patch[0]
     return dict(
-        num_classes=_get(hf_config, "num_labels", 2) if with_head else 0,
+        num_classes=convert.config_get(hf_config, "num_labels", 2) if with_head else 0,
         image_size=image_size if isinstance(image_size, int) else tuple(image_size),
         patch_size=patch,
-        num_channels=_get(hf_config, "num_channels", 3),
-        num_layers=_get(hf_config, "num_hidden_layers", 12),
+        num_channels=convert.config_get(hf_config, "num_channels", 3),
+        num_layers=convert.config_get(hf_config, "num_hidden_layers", 12),
         num_heads=heads,
         d_model=d_model,
-        d_ff=_get(hf_config, "intermediate_size", 3072),
+        d_ff=convert.config_get(hf_config, "intermediate_size", 3072),
         pool="token",
         representation_size=(
-            (_get(hf_config, "pooler_output_size", None) or d_model) if with_pooler else None
+            (convert.config_get(hf_config, "pooler_output_size", None) or d_model)
+            if with_pooler
+            else None
         ),
-        dropout=_get(hf_config, "hidden_dropout_prob", 0.0),
-        attn_dropout=_get(hf_config, "attention_probs_dropout_prob", 0.0),
-        layer_norm_eps=_get(hf_config, "layer_norm_eps", 1e-12),
-        activation=_ACTIVATIONS[act],
+        dropout=convert.config_get(hf_config, "hidden_dropout_prob", 0.0),
+        attn_dropout=convert.config_get(hf_config, "attention_probs_dropout_prob", 0.0),
+        layer_norm_eps=convert.config_get(hf_config, "layer_norm_eps", 1e-12),
+        activation=convert.HF_ACTIVATIONS[act],
     )
 
 
