@@ -137,7 +137,9 @@ def create_state(
         opt_state=opt_state,
     )
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    return state, shardings
+    # Commit every leaf to its sharding, as the step's outputs are: otherwise the second
+    # step misses the jit cache and compiles again.
+    return jax.device_put(state, shardings), shardings
 
 
 def param_count(params: Any) -> int:
