@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from nlp import gpt, transformer
+from nlp import bert, gpt, transformer
 from vision import swin, vit
 
 
@@ -36,6 +36,13 @@ def _transformer() -> Iterator[tuple[str, Callable[[], object]]]:
         yield name, lambda m=model: m.init(jax.random.key(0), tokens, tokens)
 
 
+def _bert() -> Iterator[tuple[str, Callable[[], object]]]:
+    """BERT presets with the pre-training heads (the parameters of HF BertForPreTraining)."""
+    for name in bert.PRESETS:
+        model = bert.from_preset(name)
+        yield name, lambda m=model: m.init(jax.random.key(0), *bert.example_inputs())
+
+
 def _images(module) -> Iterator[tuple[str, Callable[[], object]]]:
     """ViT / Swin presets at their own resolution, with the 1000-class ImageNet head."""
     for name in module.PRESETS:
@@ -48,6 +55,7 @@ def _images(module) -> Iterator[tuple[str, Callable[[], object]]]:
 FAMILIES: tuple[Callable[[], Iterator[tuple[str, Callable[[], object]]]], ...] = (
     _gpt,
     _transformer,
+    _bert,
     lambda: _images(vit),
     lambda: _images(swin),
 )
