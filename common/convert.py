@@ -68,6 +68,7 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_fast": "gelu_tanh",  # same function as gelu_new, written differently
     "relu": "relu",
+    "quick_gelu": "quick_gelu",
 }
 
 

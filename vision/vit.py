@@ -112,6 +112,7 @@ class EncoderBlock(nn.Module):
     activation: str
     deterministic: bool
     attention_impl: str | None = None
+    causal: bool = False  # causal self-attention (CLIP's text encoder)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -129,7 +130,7 @@ class EncoderBlock(nn.Module):
             out_kernel_init=nn.initializers.xavier_uniform(),
             name="attn",
             **kw,
-        )(h, deterministic=self.deterministic)
+        )(h, is_causal=self.causal, deterministic=self.deterministic)
         x = x + nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
         h = layer_norm("ln_2", eps=self.layer_norm_eps, **kw)(x)
         h = MLP(

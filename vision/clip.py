@@ -1,0 +1,545 @@
+"""CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision").
+
+* Section 2.4 / figure 3: an image encoder and a text encoder, each followed by a linear
+  projection without bias into a shared embedding space; both embeddings are L2-normalised
+  and their cosine similarities, scaled by a learned temperature, are the logits of a
+  symmetric cross-entropy over the batch (image -> its caption and caption -> its image).
+* Image encoder (section 2.4, "Vision Transformer ... with the minor modification of adding
+  an additional layer normalization to the combined patch and position embeddings"): patch
+  embedding without bias, a class token and learned positions, ``ln_pre``, pre-LN blocks
+  (``vision.vit.EncoderBlock``), then ``ln_post`` on the class token only.
+* Text encoder: a causal ("masked self-attention") pre-LN Transformer over byte-pair tokens
+  with learned positions and a final LayerNorm; "the activations of the highest layer of
+  the transformer at the [EOS] token are treated as the feature representation". Which
+  position is [EOS] follows Hugging Face's ``CLIPTextModel``: with ``eos_token_id=None`` the
+  position of the largest token id (OpenAI's code: ``text.argmax(-1)``, since its EOT is the
+  last id of the vocabulary; HF does this when a config says ``eos_token_id == 2``),
+  otherwise the first position holding ``eos_token_id`` (position 0 if a row has none, as in
+  HF). Attention is causal, so padding after [EOS] never reaches the pooled feature and no
+  padding mask is needed.
+* Temperature (section 2.5): a learned ``logit_scale = log(1 / T)`` initialised to
+  ``log(1 / 0.07)``; the multiplier ``exp(logit_scale)`` is clipped at 100 "to prevent
+  scaling the logits by more than 100". OpenAI clamps the parameter after each optimizer
+  step; we clip in the forward pass (``min(exp(s), 100)``), which gives the same logits.
+* Activations are ``quick_gelu`` (``x * sigmoid(1.702 x)``) in OpenAI's presets; the field
+  ``activation`` takes any of ``common.layers.ACTIVATIONS``.
+* The loss (``contrastive_loss``) is over the *global* batch: under ``jax.jit`` with the
+  batch sharded over devices (``NamedSharding``) the embeddings are logically one array and
+  XLA gathers what each device needs, so every image is contrasted with every caption of
+  the global batch, as in the paper's 32,768-pair batches. (With gradient accumulation each
+  micro-batch is its own contrastive batch.)
+* Zero-shot classification (section 3.1.4): ``zero_shot_weights`` embeds every
+  ``template.format(class_name)``, normalises, averages over the templates of a class and
+  normalises again (the prompt ensemble of section 3.1.4); ``classify`` scores images
+  against those class embeddings.
+
+Deliberate differences: no dropout (CLIP has none); block weights use ``vision.vit``'s
+initialisers rather than OpenAI's width-scaled normals (embeddings and projections do use
+OpenAI's scales). ``apply(params, images, tokens)`` returns a dict (see ``CLIP.__call__``).
+Images are channels-last ``[batch, height, width, channels]``; tokens are int
+``[batch, length]`` with ``length <= context_length``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import presets
+from common.attention import IMPLEMENTATIONS
+from common.layers import ACTIVATIONS, dense, layer_norm
+from vision.vit import RESIZE_METHODS, EncoderBlock, resize_positions
+
+Array = jax.Array
+
+
+def _blocks(x: Array, cfg: dict[str, Any], num_layers: int, remat: bool, causal: bool) -> Array:
+    """``num_layers`` pre-LN blocks ``block_{i}`` (called inside a compact module)."""
+    block_cls = nn.remat(EncoderBlock) if remat else EncoderBlock
+    for i in range(num_layers):
+        x = block_cls(causal=causal, name=f"block_{i}", **cfg)(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x  # [batch, tokens, d_model]
+
+
+class VisionEncoder(nn.Module):
+    """CLIP's ViT: patches + class token + positions -> ``ln_pre`` -> blocks -> ``ln_post``
+    of the class token. Returns ``[batch, d_model]``."""
+
+    image_size: int
+    patch_size: int
+    num_channels: int
+    num_layers: int
+    num_heads: int
+    d_model: int
+    d_ff: int
+    activation: str
+    layer_norm_eps: float
+    resize_method: str = "bicubic"  # positions at another resolution (HF: bicubic)
+    remat: bool = False
+    attention_impl: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:  # images: [batch, height, width, channels]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d, p = self.d_model, self.patch_size
+        x = nn.Conv(
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            name="patch_embed",
+            **kw,
+        )(images.astype(self.dtype))  # [batch, h/P, w/P, d_model]
+        batch, gh, gw, _ = x.shape
+        x = x.reshape(batch, gh * gw, d)  # [batch, patches, d_model], row-major over the grid
+        scale = d**-0.5  # OpenAI's init scale for the class token and positions
+        cls = self.param(
+            "cls",
+            nn.with_logical_partitioning(nn.initializers.normal(scale), ("embed",)),
+            (d,),
+            self.param_dtype,
+        )
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, d)), x], 1)
+        table = self.image_size // p
+        pos = self.param(
+            "pos_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(scale), (None, "embed")),
+            (1 + table * table, d),
+            self.param_dtype,
+        )
+        if (gh, gw) != (table, table):  # another resolution: resize the grid part (HF does too)
+            grid = resize_positions(pos[1:].reshape(table, table, d), (gh, gw), self.resize_method)
+            pos = jnp.concatenate([pos[:1], grid.reshape(gh * gw, d)], axis=0)
+        x = x + pos.astype(self.dtype)[None]  # [batch, 1 + patches, d_model]
+        x = layer_norm("ln_pre", eps=self.layer_norm_eps, **kw)(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        cfg = dict(
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            dropout=0.0,
+            attn_dropout=0.0,
+            layer_norm_eps=self.layer_norm_eps,
+            activation=self.activation,
+            deterministic=True,
+            attention_impl=self.attention_impl,
+            **kw,
+        )
+        x = _blocks(x, cfg, self.num_layers, self.remat, causal=False)
+        return layer_norm("ln_post", eps=self.layer_norm_eps, **kw)(x[:, 0])  # [batch, d]
+
+
+class TextEncoder(nn.Module):
+    """CLIP's causal text Transformer; returns the final-normed feature at [EOS],
+    ``[batch, d_model]`` (see the module docstring for how [EOS] is found)."""
+
+    vocab_size: int
+    context_length: int
+    num_layers: int
+    num_heads: int
+    d_model: int
+    d_ff: int
+    activation: str
+    layer_norm_eps: float
+    eos_token_id: int | None
+    remat: bool = False
+    attention_impl: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:  # tokens: [batch, length] int
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        length = tokens.shape[1]
+        x = nn.Embed(
+            self.vocab_size,
+            self.d_model,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            name="token_embed",
+            **kw,
+        )(tokens)  # [batch, length, d_model]
+        pos = self.param(
+            "pos_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+            (self.context_length, self.d_model),
+            self.param_dtype,
+        )
+        x = x + pos[:length].astype(self.dtype)[None]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        cfg = dict(
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            dropout=0.0,
+            attn_dropout=0.0,
+            layer_norm_eps=self.layer_norm_eps,
+            activation=self.activation,
+            deterministic=True,
+            attention_impl=self.attention_impl,
+            **kw,
+        )
+        x = _blocks(x, cfg, self.num_layers, self.remat, causal=True)
+        x = layer_norm("ln_final", eps=self.layer_norm_eps, **kw)(x)  # [batch, length, d]
+        if self.eos_token_id is None:
+            eos = jnp.argmax(tokens, axis=-1)  # [batch] largest id = OpenAI's EOT
+        else:
+            eos = jnp.argmax(tokens == self.eos_token_id, axis=-1)  # [batch] first EOS
+        return jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]  # [batch, d_model]
+
+
+class CLIP(nn.Module):
+    """CLIP image and text encoders with projections and a learned temperature.
+
+    ``apply(params, images, tokens)`` returns a dict of float32 arrays:
+    ``image_embeds [n_img, proj]`` and ``text_embeds [n_txt, proj]`` (L2-normalised),
+    ``logits_per_image [n_img, n_txt]``, ``logits_per_text [n_txt, n_img]`` (its transpose)
+    and ``logit_scale`` (the clipped multiplier ``min(exp(s), 100)``). Methods
+    ``encode_image`` / ``encode_text`` give the projected (by default unnormalised, like
+    HF's ``get_*_features``) embeddings; ``classify`` scores images against the class
+    embeddings from ``zero_shot_weights``. Presets live in ``PRESETS``.
+    """
+
+    # image encoder (a ViT)
+    image_size: int = 224  # resolution the position table is laid out for (square)
+    patch_size: int = 32
+    num_channels: int = 3
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_d_model: int = 768
+    vision_d_ff: int = 3072
+    # text encoder (a causal Transformer)
+    vocab_size: int = 49408
+    context_length: int = 77  # longest token sequence (size of the position table)
+    text_layers: int = 12
+    text_heads: int = 8
+    text_d_model: int = 512
+    text_d_ff: int = 2048
+    eos_token_id: int | None = None  # None: pool at the largest token id (OpenAI's EOT)
+    # shared
+    projection_dim: int = 512  # joint embedding space
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    logit_scale_init: float = math.log(1 / 0.07)  # log of the inverse temperature
+    logit_scale_max: float = 100.0  # the multiplier exp(logit_scale) is clipped here
+    resize_method: str = "bicubic"  # image positions at another resolution
+    remat: bool = False  # recompute each block in the backward pass
+    attention_impl: str | None = None  # see common.attention
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        problems = []
+        positive = (
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "vision_layers",
+            "vision_heads",
+            "vision_d_model",
+            "vision_d_ff",
+            "vocab_size",
+            "context_length",
+            "text_layers",
+            "text_heads",
+            "text_d_model",
+            "text_d_ff",
+            "projection_dim",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        for prefix in ("vision", "text"):
+            d, h = getattr(self, f"{prefix}_d_model"), getattr(self, f"{prefix}_heads")
+            if h > 0 and d % h:
+                problems.append(f"{prefix}_heads={h} does not divide {prefix}_d_model={d}")
+        if self.patch_size > 0 and self.image_size % self.patch_size:
+            problems.append(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            problems.append(
+                f"eos_token_id={self.eos_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.resize_method not in RESIZE_METHODS:
+            problems.append(f"resize_method={self.resize_method!r} is not one of {RESIZE_METHODS}")
+        if self.attention_impl not in IMPLEMENTATIONS:
+            problems.append(
+                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
+            )
+        if not self.logit_scale_max > 0:
+            problems.append(f"logit_scale_max={self.logit_scale_max} must be positive")
+        if problems:
+            raise ValueError("invalid CLIP config: " + "; ".join(problems))
+        super().__post_init__()
+
+    def setup(self):
+        kw = dict(
+            activation=self.activation,
+            layer_norm_eps=self.layer_norm_eps,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.vision = VisionEncoder(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            num_layers=self.vision_layers,
+            num_heads=self.vision_heads,
+            d_model=self.vision_d_model,
+            d_ff=self.vision_d_ff,
+            resize_method=self.resize_method,
+            **kw,
+        )
+        self.text = TextEncoder(
+            vocab_size=self.vocab_size,
+            context_length=self.context_length,
+            num_layers=self.text_layers,
+            num_heads=self.text_heads,
+            d_model=self.text_d_model,
+            d_ff=self.text_d_ff,
+            eos_token_id=self.eos_token_id,
+            **kw,
+        )
+        proj = lambda width, name: dense(
+            self.projection_dim,
+            ("embed", None),
+            name=name,
+            use_bias=False,
+            kernel_init=nn.initializers.normal(width**-0.5),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.visual_projection = proj(self.vision_d_model, "visual_projection")
+        self.text_projection = proj(self.text_d_model, "text_projection")
+        self.logit_scale = self.param(
+            "logit_scale",
+            nn.with_logical_partitioning(nn.initializers.constant(self.logit_scale_init), ()),
+            (),
+            self.param_dtype,
+        )
+
+    # ----------------------------------------------------------------- input checks
+
+    def check_images(self, images: Array) -> None:
+        """Raises ``ValueError`` naming what is wrong with an image batch."""
+        if images.ndim != 4:
+            raise ValueError(
+                f"images must be [batch, height, width, channels], got shape {images.shape}"
+            )
+        _, h, w, c = images.shape
+        if c != self.num_channels:
+            raise ValueError(
+                f"images have {c} channels, the model expects num_channels={self.num_channels} "
+                f"(images are channels-last: [batch, height, width, channels])"
+            )
+        for side, n in (("height", h), ("width", w)):
+            if n < self.patch_size or n % self.patch_size:
+                raise ValueError(
+                    f"image {side} {n} is not a positive multiple of patch_size={self.patch_size}"
+                )
+
+    def check_tokens(self, tokens: Array) -> None:
+        """Raises ``ValueError`` naming what is wrong with a token batch."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if not 0 < tokens.shape[1] <= self.context_length:
+            raise ValueError(
+                f"text length {tokens.shape[1]} is longer than the context_length="
+                f"{self.context_length} of the text encoder (or empty)"
+            )
+
+    # ----------------------------------------------------------------- encoders
+
+    def temperature(self) -> Array:
+        """The logit multiplier ``min(exp(logit_scale), logit_scale_max)`` (float32 scalar)."""
+        scale = jnp.exp(self.logit_scale.astype(jnp.float32))
+        return jnp.minimum(scale, self.logit_scale_max)
+
+    def encode_image(self, images: Array, normalize: bool = False) -> Array:
+        """Projected image embeddings ``[batch, projection_dim]`` (float32)."""
+        self.check_images(images)
+        x = self.visual_projection(self.vision(images)).astype(jnp.float32)
+        return _l2_normalize(x) if normalize else x
+
+    def encode_text(self, tokens: Array, normalize: bool = False) -> Array:
+        """Projected text embeddings ``[batch, projection_dim]`` (float32), at [EOS]."""
+        self.check_tokens(tokens)
+        x = self.text_projection(self.text(tokens)).astype(jnp.float32)
+        return _l2_normalize(x) if normalize else x
+
+    def __call__(self, images: Array, tokens: Array) -> dict[str, Array]:
+        image_embeds = self.encode_image(images, normalize=True)  # [n_img, proj]
+        text_embeds = self.encode_text(tokens, normalize=True)  # [n_txt, proj]
+        scale = self.temperature()
+        logits = scale * jnp.einsum(
+            "ip,tp->it", image_embeds, text_embeds, precision=jax.lax.Precision.HIGHEST
+        )  # [n_img, n_txt]
+        return {
+            "image_embeds": image_embeds,
+            "text_embeds": text_embeds,
+            "logits_per_image": logits,
+            "logits_per_text": logits.T,  # [n_txt, n_img]
+            "logit_scale": scale,
+        }
+
+    def classify(self, images: Array, class_weights: Array) -> Array:
+        """Zero-shot logits ``[batch, num_classes]`` against ``zero_shot_weights`` output."""
+        if class_weights.ndim != 2 or class_weights.shape[1] != self.projection_dim:
+            raise ValueError(
+                f"class_weights must be [num_classes, projection_dim={self.projection_dim}], "
+                f"got shape {class_weights.shape}"
+            )
+        image_embeds = self.encode_image(images, normalize=True)  # [batch, proj]
+        return self.temperature() * jnp.einsum(
+            "bp,cp->bc",
+            image_embeds,
+            class_weights.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    @nn.nowrap
+    def zero_shot_weights(
+        self,
+        params: Any,
+        tokenize_fn: Callable[[list[str]], Any],
+        class_names: Sequence[str],
+        templates: Sequence[str],
+        batch_size: int = 256,
+    ) -> Array:
+        """Class embeddings ``[num_classes, projection_dim]`` from prompt templates (3.1.4).
+
+        For each class, every ``template.format(name)`` is tokenised with ``tokenize_fn``
+        (``list[str] -> int [n, length]``, ``length <= context_length``), encoded and
+        L2-normalised; the mean over templates is normalised again. Call on the unbound
+        model: ``model.zero_shot_weights(params, tokenize, names, templates)``.
+        """
+        class_names, templates = list(class_names), list(templates)
+        if not templates:
+            raise ValueError("the prompt template list is empty: give at least one template")
+        if not class_names:
+            raise ValueError("the class name list is empty: give at least one class name")
+        no_slot = [t for t in templates if "{}" not in t]
+        if no_slot:
+            raise ValueError(
+                f"prompt templates without a '{{}}' slot for the class name: {no_slot}"
+            )
+        prompts = [t.format(name) for name in class_names for t in templates]
+        encode = jax.jit(lambda p, t: self.apply(p, t, normalize=True, method=CLIP.encode_text))
+        rows = min(batch_size, len(prompts))  # every chunk padded to this: one compilation
+        chunks = []
+        for start in range(0, len(prompts), rows):
+            tokens = np.asarray(tokenize_fn(prompts[start : start + rows]))  # [n, length]
+            n = tokens.shape[0]
+            if n < rows:
+                tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - n, 0)])
+            chunks.append(encode(params, tokens)[:n])  # [n, projection_dim]
+        embeds = jnp.concatenate(chunks).reshape(len(class_names), len(templates), -1)
+        return _l2_normalize(embeds.mean(axis=1))  # [num_classes, projection_dim]
+
+
+def _l2_normalize(x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def contrastive_loss(logits_per_image: Array) -> Array:
+    """Symmetric InfoNCE of figure 3: mean of image->text and text->image cross-entropy.
+
+    ``logits_per_image`` is ``[n, n]`` with matching pairs on the diagonal; float32.
+    """
+    if logits_per_image.ndim != 2 or logits_per_image.shape[0] != logits_per_image.shape[1]:
+        raise ValueError(
+            f"logits_per_image must be square [n, n] (pairs on the diagonal), "
+            f"got shape {logits_per_image.shape}"
+        )
+    logits = logits_per_image.astype(jnp.float32)  # [n_img, n_txt]
+    diag = jnp.diagonal(logits)  # [n]
+    loss_i = jax.nn.logsumexp(logits, axis=1) - diag  # image -> its caption
+    loss_t = jax.nn.logsumexp(logits, axis=0) - diag  # caption -> its image
+    return (loss_i.mean() + loss_t.mean()) / 2
+
+
+# One table for the family. OpenAI's released sizes (Radford et al. 2021, tables 19-20; HF
+# ``openai/clip-vit-*`` configs): 224 x 224 RGB, BPE vocab 49408, context 77, quick_gelu.
+_OPENAI = dict(
+    image_size=224,
+    num_channels=3,
+    vocab_size=49408,
+    context_length=77,
+    eos_token_id=49407,
+    activation="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+_B = dict(vision_layers=12, vision_heads=12, vision_d_model=768, vision_d_ff=3072)
+_TEXT_512 = dict(text_layers=12, text_heads=8, text_d_model=512, text_d_ff=2048)
+PRESETS: dict[str, dict[str, Any]] = {
+    "clip-vit-b/32": dict(**_OPENAI, **_B, **_TEXT_512, patch_size=32, projection_dim=512),
+    "clip-vit-b/16": dict(**_OPENAI, **_B, **_TEXT_512, patch_size=16, projection_dim=512),
+    "clip-vit-l/14": dict(
+        **_OPENAI,
+        patch_size=14,
+        vision_layers=24,
+        vision_heads=16,
+        vision_d_model=1024,
+        vision_d_ff=4096,
+        text_layers=12,
+        text_heads=12,
+        text_d_model=768,
+        text_d_ff=3072,
+        projection_dim=768,
+    ),
+    # For tests.
+    "clip-tiny": dict(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        vision_layers=2,
+        vision_heads=4,
+        vision_d_model=48,
+        vision_d_ff=96,
+        vocab_size=99,
+        context_length=16,
+        text_layers=2,
+        text_heads=4,
+        text_d_model=32,
+        text_d_ff=64,
+        eos_token_id=None,
+        projection_dim=24,
+        activation="quick_gelu",
+        layer_norm_eps=1e-5,
+    ),
+}
+
+
+def from_preset(name: str, **overrides: Any) -> CLIP:
+    """``CLIP`` built from a named preset, with field overrides (unknown fields fail)."""
+    return presets.build(CLIP, PRESETS, name, **overrides)
+
+
+def example_inputs(model: CLIP, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract ``(images, tokens)`` at the model's resolution and context length."""
+    s = model.image_size
+    return (
+        jax.ShapeDtypeStruct((batch, s, s, model.num_channels), jnp.float32),
+        jax.ShapeDtypeStruct((batch, model.context_length), jnp.int32),
+    )
