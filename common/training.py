@@ -164,12 +164,15 @@ def train(
     meta: dict[str, Any] | None = None,
     flops_per_step: float | None = None,
     tokens_per_step: int | None = None,
+    images_per_step: int | None = None,
 ) -> TrainResult:
     """Train for ``config.train.steps`` steps in ``workdir``, resuming if it holds a run.
 
     Reads ``config.seed``, ``config.optim`` (see ``common.optim``), ``config.mesh`` (``data``,
     ``fsdp``) and ``config.train`` (``steps``, ``accum_steps``, ``log_every``,
     ``eval_every``, ``checkpoint_every``, ``keep_checkpoints``, ``async_checkpoint``).
+    Throughput is logged as ``tokens_per_s`` and/or ``images_per_s`` when the tokens or
+    images of one step are given.
     """
     tc = config.train
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -240,6 +243,8 @@ def train(
                     metrics["step_time_s"] = dt
                     if tokens_per_step:
                         metrics["tokens_per_s"] = tokens_per_step / dt
+                    if images_per_step:
+                        metrics["images_per_s"] = images_per_step / dt
                     if peak:
                         metrics["mfu"] = flops_per_step / dt / peak
                 writer.write(done, metrics)
