@@ -1,9 +1,21 @@
-"""Every preset of every model family with its exact parameter count.
+"""Every preset of every model family with its exact parameter count, and for the vision
+presets the forward FLOPs at the preset's resolution.
 
-    python -m experiments.zoo            # <preset><TAB><parameter count>, one line each
-    python -m experiments.zoo gpt2       # only presets whose name contains "gpt2"
+    python -m experiments.zoo            # one line per preset (format below)
+    python -m experiments.zoo swin       # only presets whose name contains "swin"
+    python -m experiments.zoo --no-flops # counts only (skips lowering the vision models)
 
-Counts come from ``jax.eval_shape`` of each model's ``init``: shapes only, no memory.
+Each line is ``<preset>\t<parameter count>``, and for presets whose FLOPs are known (ViT,
+Swin, CLIP) two more columns: ``\t<forward FLOPs>\t<forward multiply-adds>``, with
+multiply-adds = FLOPs / 2 (the unit papers quote: Swin-T "4.5G FLOPs" are multiply-adds).
+The FLOPs are XLA's cost analysis (``jax.jit(apply).lower(...).cost_analysis()``) of one
+forward pass on a batch of one image at the preset's resolution (CLIP: one image and one
+text of ``context_length`` tokens): every matmul and convolution at 2 FLOPs per
+multiply-add, plus the elementwise work (softmax, norms, activations) that papers leave out,
+so the figures sit a few percent above the published ones. Lowering needs no compilation.
+
+Counts and FLOPs come from abstract shapes (``jax.eval_shape`` of each model's ``init``):
+no parameter memory is allocated.
 """
 
 from __future__ import annotations
@@ -15,12 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from nlp import bert, gpt, transformer
-from vision import swin, vit
+from vision import clip, swin, vit
 
-
-def _count(init: Callable[[], object]) -> int:
-    shapes = jax.eval_shape(init)
-    return sum(int(x.size) for x in jax.tree.leaves(shapes["params"]))
+# A family yields (name, init) or (name, init, lower): ``init()`` builds the variables,
+# ``lower(variables)`` lowers one forward pass for the cost analysis (FLOPs).
+Init = Callable[[], object]
+Lower = Callable[[object], jax.stages.Lowered]
+Entry = tuple[str, Init] | tuple[str, Init, Lower]
 
 
 def _gpt() -> Iterator[tuple[str, Callable[[], object]]]:
@@ -43,35 +56,82 @@ def _bert() -> Iterator[tuple[str, Callable[[], object]]]:
         yield name, lambda m=model: m.init(jax.random.key(0), *bert.example_inputs())
 
 
-def _images(module) -> Iterator[tuple[str, Callable[[], object]]]:
+def _images(module) -> Iterator[Entry]:
     """ViT / Swin presets at their own resolution, with the 1000-class ImageNet head."""
     for name in module.PRESETS:
         model = module.from_preset(name)
-        shape = module.example_images(model).shape
-        yield name, lambda m=model, s=shape: m.init(jax.random.key(0), jnp.zeros(s, jnp.float32))
+        x = module.example_images(model)
+        yield (
+            name,
+            lambda m=model, x=x: m.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)),
+            lambda v, m=model, x=x: jax.jit(m.apply).lower(v, x),
+        )
+
+
+def _clip() -> Iterator[Entry]:
+    """CLIP presets: both encoders, projections and temperature (HF CLIPModel's count)."""
+    for name in clip.PRESETS:
+        model = clip.from_preset(name)
+        inputs = clip.example_inputs(model)
+        yield (
+            name,
+            lambda m=model, a=inputs: m.init(
+                jax.random.key(0), *(jnp.zeros(x.shape, x.dtype) for x in a)
+            ),
+            lambda v, m=model, a=inputs: jax.jit(m.apply).lower(v, *a),
+        )
 
 
 # One entry per family; later families add theirs here.
-FAMILIES: tuple[Callable[[], Iterator[tuple[str, Callable[[], object]]]], ...] = (
+FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
     _gpt,
     _transformer,
     _bert,
     lambda: _images(vit),
     lambda: _images(swin),
+    _clip,
 )
 
 
-def presets() -> Iterator[tuple[str, int]]:
+def lowered_flops(lowered: jax.stages.Lowered) -> float:
+    """FLOPs of a lowered program from XLA's HLO cost analysis (compiles only as a fallback,
+    for backends whose lowered programs give no analysis)."""
+    for analyse in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
+        cost = analyse()
+        if isinstance(cost, list | tuple):
+            cost = cost[0] if cost else None
+        if cost and "flops" in cost:
+            return float(cost["flops"])
+    raise RuntimeError("XLA's cost analysis gave no FLOPs for this program")
+
+
+def rows(pattern: str = "", flops: bool = True) -> Iterator[tuple[str, int, float | None]]:
+    """``(preset, parameter count, forward FLOPs or None)`` for presets matching pattern."""
     for family in FAMILIES:
-        for name, init in family():
-            yield name, _count(init)
+        for entry in family():
+            name, init = entry[0], entry[1]
+            if pattern not in name:
+                continue
+            variables = jax.eval_shape(init)
+            count = sum(int(x.size) for x in jax.tree.leaves(variables["params"]))
+            fl = lowered_flops(entry[2](variables)) if flops and len(entry) > 2 else None
+            yield name, count, fl
+
+
+def presets() -> Iterator[tuple[str, int]]:
+    """``(preset, parameter count)`` for every preset."""
+    for name, count, _ in rows(flops=False):
+        yield name, count
 
 
 def main(argv: list[str]) -> None:
-    pattern = argv[1] if len(argv) > 1 else ""
-    for name, count in presets():
-        if pattern in name:
-            print(f"{name}\t{count}", flush=True)
+    args = argv[1:]
+    flops = "--no-flops" not in args
+    args = [a for a in args if a != "--no-flops"]
+    pattern = args[0] if args else ""
+    for name, count, fl in rows(pattern, flops):
+        extra = "" if fl is None else f"\t{int(fl)}\t{int(fl) // 2}"
+        print(f"{name}\t{count}{extra}", flush=True)
 
 
 if __name__ == "__main__":
