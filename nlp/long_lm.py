@@ -195,7 +195,16 @@ class LongLM(nn.Module):
         return len(self.layer_pattern)
 
     @nn.compact
-    def __call__(self, tokens: Array, *, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        tokens: Array,  # [batch, len] int
+        *,
+        deterministic: bool = True,
+        logits_at: Array | None = None,  # [batch] int: only these positions' logits
+    ) -> Array:
+        """Logits ``[batch, len, vocab]`` (float32), or ``[batch, vocab]`` at ``logits_at``
+        (decoding needs one position per row; the vocabulary projection is the costly part).
+        """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         length = tokens.shape[1]
@@ -248,7 +257,9 @@ class LongLM(nn.Module):
             )(x)
             x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = layer_norm("ln_f", eps=self.layer_norm_eps, **kw)(x)
-        return wte.attend(x).astype(jnp.float32)  # [batch, len, vocab]
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [batch, d]
+        return wte.attend(x).astype(jnp.float32)  # [batch, (len,) vocab]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -339,9 +350,10 @@ def greedy_decode(
     ``variables`` is ``{"params": ...}``.
 
     Every step runs the full forward pass on a fixed ``[rows, seq_len]`` buffer (one
-    compilation; causality makes the padding after each row's end invisible). The local and
-    memory-compressed layers have no KV cache here: decoding costs ``max_new_tokens``
-    forward passes.
+    compilation; causality makes the padding after each row's end invisible) and projects
+    only each row's last position onto the vocabulary. The local and memory-compressed
+    layers have no KV cache here: decoding costs one forward pass per new token, and stops
+    once every row has produced its eos.
     """
     rows = len(prompts)
     if rows == 0:
@@ -369,18 +381,21 @@ def _greedy(model, variables, tokens, lengths, max_new_tokens, eos_id):
     rows, seq_len = tokens.shape
     idx = jnp.arange(rows)
 
-    def body(_, carry):
-        tokens, lengths, done = carry
-        logits = model.apply(variables, tokens)  # [rows, seq_len, vocab]
-        last = logits[idx, lengths - 1]  # [rows, vocab]
+    def body(carry):
+        step, tokens, lengths, done = carry
+        last = model.apply(variables, tokens, logits_at=lengths - 1)  # [rows, vocab]
         nxt = jnp.argmax(last, axis=-1).astype(tokens.dtype)
         write = ~done & (lengths < seq_len)
         pos = jnp.minimum(lengths, seq_len - 1)
         tokens = tokens.at[idx, pos].set(jnp.where(write, nxt, tokens[idx, pos]))
         lengths = lengths + write.astype(lengths.dtype)
         done = done | (write & (nxt == eos_id)) | (lengths >= seq_len)
-        return tokens, lengths, done
+        return step + 1, tokens, lengths, done
+
+    def cond(carry):  # stop after max_new_tokens steps or once every row has ended
+        step, _, _, done = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
 
     done = lengths >= seq_len
-    tokens, lengths, _ = jax.lax.fori_loop(0, max_new_tokens, body, (tokens, lengths, done))
+    _, tokens, lengths, _ = jax.lax.while_loop(cond, body, (0, tokens, lengths, done))
     return tokens, lengths
