@@ -1,0 +1,130 @@
+"""GPT-1 fine-tuning (Radford et al. 2018, sections 3.2-3.3): input transformations, the
+head reads the final state at <extract> (checked against the tied LM logits), the task
+tokens extend a pre-trained model without changing it, and eq. 5's loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common.losses import cross_entropy
+from nlp import gpt
+from nlp.gpt_finetune import (
+    GPTClassifier,
+    TaskTokens,
+    add_task_tokens,
+    encode_single,
+    finetune_loss_fn,
+    pair_input,
+    single_input,
+)
+
+TASK = TaskTokens.after(100)  # 100, 101, 102
+
+
+def test_input_transformations():
+    tokens, pos = single_input([5, 6, 7], 8, TASK)
+    assert tokens.tolist() == [100, 5, 6, 7, 102, 0, 0, 0] and pos == 4
+    tokens, pos = single_input(list(range(10, 30)), 8, TASK)  # truncated to fit
+    assert tokens.tolist() == [100, 10, 11, 12, 13, 14, 15, 102] and pos == 7
+    tokens, pos = pair_input([5, 6], [7], 8, TASK)
+    assert tokens.tolist() == [100, 5, 6, 101, 7, 102, 0, 0] and pos == 5
+    tokens, pos = pair_input(list(range(10, 20)), [7, 8], 9, TASK)  # longer text shortened
+    assert tokens.tolist() == [100, 10, 11, 12, 13, 101, 7, 8, 102] and pos == 8
+    batch = encode_single([[5], [6, 7]], [2, 0], 6, TASK)
+    assert batch["extract"].tolist() == [2, 3] and batch["labels"].tolist() == [2, 0]
+    with pytest.raises(ValueError, match="max_len=2"):
+        single_input([1], 2, TASK)
+    with pytest.raises(ValueError, match="max_len=4"):
+        pair_input([1], [2], 4, TASK)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["gpt1-post-ln", "gpt2-pre-ln"])
+def classifier(request):
+    model = gpt.from_preset("gpt1-tiny" if not request.param else "gpt-tiny", vocab_size=103)
+    clf = GPTClassifier(model, num_labels=3)
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    params = jax.jit(clf.init)(jax.random.key(0), tokens)
+    return clf, nn.unbox(params)["params"]
+
+
+def test_head_reads_the_final_state_at_extract(classifier):
+    """With W_y = the first 3 rows of the (tied) output embedding and no bias, the class
+    logits must equal the LM logits at <extract>: only the final state gives that."""
+    clf, params = classifier
+    wte = params["gpt"]["wte"]["embedding"]
+    params = {**params, "head": {"out": {"kernel": wte[:3].T, "bias": jnp.zeros(3)}}}
+    rng = np.random.default_rng(0)
+    tokens = np.stack([single_input(rng.integers(0, 100, n), 16, TASK)[0] for n in (5, 14)])
+    extract = jnp.array([6, 15])
+    lm, cls = jax.jit(clf.apply)(params, jnp.asarray(tokens), extract)
+    want = lm[jnp.arange(2), extract, :3]
+    np.testing.assert_allclose(cls, want, atol=1e-5)
+    assert lm.shape == (2, 16, 103) and cls.dtype == jnp.float32
+
+
+def test_padding_after_extract_is_invisible(classifier):
+    clf, params = classifier
+    tokens, pos = single_input([5, 6, 7], 16, TASK)
+    other = tokens.copy()
+    other[pos + 1 :] = 42
+    apply = jax.jit(clf.apply)
+    a = apply(params, jnp.asarray(tokens[None]), jnp.array([pos]))[1]
+    b = apply(params, jnp.asarray(other[None]), jnp.array([pos]))[1]
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_task_tokens_extend_a_pretrained_model_unchanged():
+    model = gpt.from_preset("gpt1-tiny", vocab_size=100)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nn.unbox(params)
+    grown = add_task_tokens(params, jax.random.key(1))
+    assert grown["wte"]["embedding"].shape == (103, 32)
+    np.testing.assert_array_equal(grown["wte"]["embedding"][:100], params["wte"]["embedding"])
+    assert 0 < float(jnp.std(grown["wte"]["embedding"][100:])) < 0.05
+    bigger = gpt.from_preset("gpt1-tiny", vocab_size=103)
+    tokens = jnp.array([[1, 2, 3, 4]])
+    old = model.apply({"params": params}, tokens)
+    new = bigger.apply({"params": grown}, tokens)
+    np.testing.assert_allclose(new[..., :100], old, atol=1e-5)  # text tokens: same model
+
+
+def test_loss_is_task_plus_lambda_lm(classifier):
+    clf, params = classifier
+    rng = np.random.default_rng(1)
+    batch = encode_single([rng.integers(0, 100, n) for n in (3, 9, 14, 6)], [0, 1, 2, 1], 16, TASK)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    clf_eval = GPTClassifier(
+        gpt.GPT(**{**_fields(clf.gpt), "dropout": 0.0, "attn_dropout": 0.0}), 3
+    )
+    loss, aux = finetune_loss_fn(clf_eval, 0.5)(params, batch, jax.random.key(0))
+    lm, cls = clf_eval.apply(params, batch["tokens"], batch["extract"])
+    task = cross_entropy(cls, batch["labels"])[0] / 4
+    nll, n = 0.0, 0
+    for i in range(4):  # LM targets: tokens 1..extract of each row
+        e = int(batch["extract"][i])
+        s, c = cross_entropy(lm[i, :e], batch["tokens"][i, 1 : e + 1])
+        nll, n = nll + s, n + c
+    np.testing.assert_allclose(aux["task_loss"], task, rtol=1e-5)
+    np.testing.assert_allclose(aux["lm_loss"], nll / n, rtol=1e-5)
+    np.testing.assert_allclose(loss, task + 0.5 * nll / n, rtol=1e-5)
+    only_task, _ = finetune_loss_fn(clf_eval, 0.0)(params, batch, jax.random.key(0))
+    np.testing.assert_allclose(only_task, task, rtol=1e-5)
+
+
+def _fields(model):
+    return {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(model)
+        if f.name not in ("parent", "name")
+    }
+
+
+def test_bad_head_is_named():
+    with pytest.raises(ValueError, match="num_labels=0"):
+        GPTClassifier(gpt.from_preset("gpt1-tiny"), 0)
