@@ -43,6 +43,7 @@ Images are channels-last ``[batch, height, width, channels]``; tokens are int
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -444,7 +445,6 @@ class CLIP(nn.Module):
                 f"prompt templates without a '{{}}' slot for the class name: {no_slot}"
             )
         prompts = [t.format(name) for name in class_names for t in templates]
-        encode = jax.jit(lambda p, t: self.apply(p, t, normalize=True, method=CLIP.encode_text))
         rows = min(batch_size, len(prompts))  # every chunk padded to this: one compilation
         chunks = []
         for start in range(0, len(prompts), rows):
@@ -452,9 +452,18 @@ class CLIP(nn.Module):
             n = tokens.shape[0]
             if n < rows:
                 tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - n, 0)])
-            chunks.append(encode(params, tokens)[:n])  # [n, projection_dim]
-        embeds = jnp.concatenate(chunks).reshape(len(class_names), len(templates), -1)
-        return _l2_normalize(embeds.mean(axis=1))  # [num_classes, projection_dim]
+            embeds = _encode_text_normalized(self, params, tokens)  # [rows, proj]
+            chunks.append(np.asarray(jax.device_get(embeds), np.float32)[:n])
+        # The averaging runs on the host (numpy, float32): no per-shape compilations.
+        embeds = np.concatenate(chunks).reshape(len(class_names), len(templates), -1)
+        mean = embeds.mean(axis=1)  # [num_classes, projection_dim]
+        return jnp.asarray(mean / np.linalg.norm(mean, axis=-1, keepdims=True))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text_normalized(model: CLIP, params: Any, tokens: Array) -> Array:
+    """Jitted once per (model config, shapes): modules are hashable dataclasses."""
+    return model.apply(params, tokens, normalize=True, method=CLIP.encode_text)
 
 
 def _l2_normalize(x: Array) -> Array:
