@@ -363,11 +363,13 @@ class CLIP(nn.Module):
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-        if not 0 < tokens.shape[1] <= self.context_length:
+        if tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"text length {tokens.shape[1]} is longer than the context_length="
-                f"{self.context_length} of the text encoder (or empty)"
+                f"{self.context_length} of the text encoder"
             )
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens are empty (length 0): every text needs its [EOS] token")
 
     # ----------------------------------------------------------------- encoders
 

@@ -364,6 +364,8 @@ def test_bad_inputs_raise_clear_errors(tiny):
         apply(img(1, 30, 32, 3), tok(1, 8))
     with pytest.raises(ValueError, match="text length 17 is longer than the context_length=16"):
         apply(img(1, 32, 32, 3), tok(1, 17))
+    with pytest.raises(ValueError, match=r"tokens are empty \(length 0\)"):
+        apply(img(1, 32, 32, 3), tok(1, 0))
     with pytest.raises(ValueError, match=r"tokens must be \[batch, length\]"):
         apply(img(1, 32, 32, 3), tok(8))
     with pytest.raises(ValueError, match="tokens must be integer ids"):
