@@ -1,0 +1,345 @@
+"""Swin benchmark: our Swin-T train step against PyTorch / Hugging Face, and how window
+attention and global attention scale with the image side.
+
+Run as ``python -m benchmarks.swin [--quick]`` (see ``benchmarks/README.md``). Everything is
+measured side by side in one process, alternating, on the same machine:
+
+1. Swin-T train step (Liu et al. 2021, table 1: C=96, depths 2-2-6-2, heads 3-6-12-24,
+   window 7) at 224 x 224, batch 8, 1000 classes, float32, stochastic depth and dropout 0.
+   Ours is the real ``common.training.make_train_step`` with ``common.optim.adamw``
+   (global-norm clip 1.0, masked weight decay), jitted with explicit shardings and the
+   state donated on a 1-device mesh, exactly as ``common.training.train`` does. Theirs is
+   Hugging Face's ``transformers.SwinForImageClassification`` (timm, the reference the issue
+   names, needs torchvision, which does not load here) with ``torch.optim.AdamW`` (same
+   betas, eps, weight-decay mask and clip): ``loss.backward(); clip; step(); zero_grad()``.
+   Both start from the same weights (HF's init converted with ``vision.swin_convert``) and
+   see the same batch, so their first losses must agree; rounds alternate who goes first
+   and the medians of the per-round step times are compared.
+2. Cost against image side: forward + backward (``jax.grad`` of the summed output) of one
+   attention-bearing block of each kind at Swin-T's stage-0 width (C=96, 3 heads, MLP 4C),
+   on a token map of side ``s`` and ``2s`` (``s = 28``: a 112 x 112 image at patch 4, or
+   784 tokens): a shifted Swin block (roll, 7 x 7 windows, mask, relative position bias)
+   against a ViT encoder block (global attention over all ``s^2`` tokens). Window attention
+   costs ``O(s^2 M^2 C)``, so its time grows about 4x per doubling of the side; global
+   attention's ``O(s^4 C)`` term grows 16x, diluted here by the block's linear layers.
+
+The last line printed is
+``RESULT swin_ratio_vs_torch=<ours/torch step time> swin_growth=<time(2s)/time(s)>
+vit_growth=<time(2s)/time(s)>`` (one line).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# As in benchmarks/gpt.py: keep freed memory in one malloc arena so large temporaries are not
+# page-faulted afresh on every step (both sides profit); glibc reads these at start-up only.
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+}
+if (
+    __name__ == "__main__"
+    and "--system-malloc" not in sys.argv
+    and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())
+):
+    os.environ.update(MALLOC_ENV)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.swin", *sys.argv[1:]])
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from benchmarks.gpt import alternate  # noqa: E402
+from common import optim, sharding, training  # noqa: E402
+from common.losses import cross_entropy  # noqa: E402
+from vision import swin, vit  # noqa: E402
+from vision.swin_convert import swin_config_from_hf, swin_params_from_torch  # noqa: E402
+
+THREADS = 2  # torch intra-op threads; XLA's CPU client uses one thread per core
+RESOLUTION, NUM_CLASSES = 224, 1000
+# Scaling: Swin-T's stage-0 block width, token-map sides s and 2s.
+WIDTH, HEADS, WINDOW, SIDE = 96, 3, 7, 28
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    batch: int  # Swin-T train batch
+    rounds: int  # alternating train rounds
+    steps: int  # train steps per side per round
+    scale_rounds: int  # alternating rounds of the block timings
+    scale_batch: int  # images per block call
+
+
+FULL = Plan(batch=8, rounds=3, steps=1, scale_rounds=3, scale_batch=2)
+QUICK = Plan(batch=2, rounds=2, steps=1, scale_rounds=2, scale_batch=1)
+
+
+def hf_swin_t() -> transformers.SwinForImageClassification:
+    """HF Swin-T (``SwinConfig``'s defaults are Swin-T at 224) without stochastic depth."""
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(num_labels=NUM_CLASSES, drop_path_rate=0.0)
+    return transformers.SwinForImageClassification(cfg)
+
+
+def build_ours_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
+    """``run(n) -> last loss``: our train step exactly as ``common.training.train`` runs it."""
+    model = swin.Swin(**swin_config_from_hf(hf.config))
+    assert model.drop_path_rate == 0.0 and model.window_size == 7 and model.embed_dim == 96
+    # Copies: torch later updates its tensors in place, and jax may alias host numpy buffers.
+    state_dict = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    params = swin_params_from_torch(state_dict, model)["params"]
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    tx, schedule = optim.adamw(optim.default_config(total_steps=100_000))
+    example = jnp.zeros((1, RESOLUTION, RESOLUTION, 3), jnp.float32)
+    init_fn = lambda rng: model.init(rng, example)
+    state, shardings = training.create_state(init_fn, tx, mesh, jax.random.key(0))
+    params = jax.device_put(params, shardings.params)  # HF's weights in place of ours
+    state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    state = jax.device_put(state, shardings)  # committed, so the step compiles once
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply(
+            {"params": params}, batch["images"], deterministic=False, rngs={"dropout": rng}
+        )
+        total, count = cross_entropy(logits, batch["labels"])
+        return total / count, {}
+
+    replicated = sharding.replicated(mesh)
+    step = jax.jit(
+        training.make_train_step(loss_fn, tx, schedule),
+        in_shardings=(shardings, None, replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    batch = sharding.put_batch({"images": images_nhwc, "labels": labels}, mesh)
+    rng = jax.device_put(jax.random.key(1), replicated)
+    holder = {"state": state}
+
+    def run(n: int) -> float:
+        state = holder["state"]
+        for _ in range(n):
+            state, metrics = step(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+        holder["state"] = state
+        return float(metrics["loss"])
+
+    run.compiles = step._cache_size  # must stay 1: no recompilation inside the timings
+    return run
+
+
+def build_torch_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
+    """``run(n) -> last loss``: HF Swin-T + torch AdamW with our optimizer's settings."""
+    hf.train()
+    c = optim.default_config()
+    decay = [p for p in hf.parameters() if p.ndim >= 2]  # our decay mask: matrices only
+    no_decay = [p for p in hf.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": c.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=c.lr,
+        betas=(c.b1, c.b2),
+        eps=c.eps,
+    )
+    x = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())  # NCHW
+    y = torch.from_numpy(labels).long()
+
+    def run(n: int) -> float:
+        for _ in range(n):
+            logits = hf(pixel_values=x).logits  # float32 [batch, 1000]
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), c.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return run
+
+
+# ---------------------------------------------------------------------------- scaling
+
+
+def block_grad(kind: str, side: int, batch: int):
+    """``run(n)``: forward + backward of one block on a ``side x side`` token map."""
+    if kind == "swin":
+        block = swin.SwinBlock(
+            num_heads=HEADS,
+            window=WINDOW,
+            mlp_dim=4 * WIDTH,
+            drop_path=0.0,
+            dropout=0.0,
+            attn_dropout=0.0,
+            layer_norm_eps=1e-5,
+            activation="gelu",
+            shifted=True,
+            deterministic=True,
+        )
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, side, side, WIDTH)))
+    else:
+        block = vit.EncoderBlock(
+            num_heads=HEADS,
+            d_ff=4 * WIDTH,
+            dropout=0.0,
+            attn_dropout=0.0,
+            layer_norm_eps=1e-6,
+            activation="gelu",
+            deterministic=True,
+        )
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, side * side, WIDTH)))
+    x = x.astype(jnp.float32)
+    params = nn.unbox(block.init(jax.random.key(0), x))
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x)), argnums=(0, 1)))
+    jax.block_until_ready(grad(params, x))  # compile
+
+    def run(n: int) -> float:
+        for _ in range(n):
+            out = grad(params, x)
+        jax.block_until_ready(out)
+        return 0.0
+
+    return run
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 2, few repetitions")
+    parser.add_argument("--batch", type=int, help="override the Swin-T train batch")
+    parser.add_argument("--rounds", type=int, help="override the number of train rounds")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings (see MALLOC_ENV)",
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(
+        plan, batch=args.batch or plan.batch, rounds=args.rounds or plan.rounds
+    )
+    t_start = time.perf_counter()
+    torch.set_num_threads(THREADS)
+    hf = hf_swin_t()
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__} (attention {hf.config._attn_implementation!r}); "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+    # 1. Swin-T train step, same weights and batch on both sides.
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(plan.batch, RESOLUTION, RESOLUTION, 3)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, plan.batch).astype(np.int32)
+    ours = build_ours_train(hf, images, labels)
+    theirs = build_torch_train(hf, images, labels)
+    t = time.perf_counter()
+    loss_ours = ours(1)  # compile + first step
+    compile_s = time.perf_counter() - t
+    loss_torch = theirs(1)
+    print(
+        f"first-step loss: ours {loss_ours:.5f}  torch {loss_torch:.5f} (same weights, same "
+        f"batch); ours compile+step {compile_s:.1f}s",
+        flush=True,
+    )
+    assert abs(loss_ours - loss_torch) < 1e-3 * abs(loss_torch), (loss_ours, loss_torch)
+    times, cpu = alternate({"ours": ours, "torch": theirs}, plan.rounds, plan.steps)
+    last_ours, last_torch = ours(1), theirs(1)
+    assert ours.compiles() == 1, f"our train step compiled {ours.compiles()} times"
+    del ours, theirs, hf
+
+    # 2. Block cost against the token-map side.
+    sides = (SIDE, 2 * SIDE)
+    runs = {
+        f"{kind}@{s}": block_grad(kind, s, plan.scale_batch)
+        for kind in ("swin", "vit")
+        for s in sides
+    }
+    block_times, _ = alternate(runs, plan.scale_rounds, 1, label="block round")
+    med = {k: statistics.median(v) for k, v in block_times.items()}
+    swin_growth = med[f"swin@{sides[1]}"] / med[f"swin@{sides[0]}"]
+    vit_growth = med[f"vit@{sides[1]}"] / med[f"vit@{sides[0]}"]
+
+    # Summary.
+    step_ours, step_torch = statistics.median(times["ours"]), statistics.median(times["torch"])
+    cpu_ours, cpu_torch = statistics.median(cpu["ours"]), statistics.median(cpu["torch"])
+    ratio = step_ours / step_torch
+    print()
+    print(
+        f"Machine: {os.cpu_count()} CPU cores, no accelerator (jax {jax.default_backend()}); "
+        f"{plan.rounds} rounds x {plan.steps} steps per side; load average "
+        f"{os.getloadavg()[0]:.1f}."
+    )
+    print(
+        f"Train loss after {2 + plan.rounds * plan.steps} steps on the same batch: ours "
+        f"{last_ours:.4f}, torch {last_torch:.4f}"
+    )
+    b = plan.batch
+    rows = [
+        (
+            f"Swin-T train step, median wall s ({RESOLUTION}px, batch {b}, fp32, AdamW)",
+            f"{step_ours:.3f}",
+            f"{step_torch:.3f}",
+            f"{ratio:.3f}",
+        ),
+        (
+            "Swin-T train step, median CPU-s (user+sys, all threads)",
+            f"{cpu_ours:.2f}",
+            f"{cpu_torch:.2f}",
+            f"{cpu_ours / cpu_torch:.3f}",
+        ),
+        (
+            "Swin-T train images/s",
+            f"{b / step_ours:.2f}",
+            f"{b / step_torch:.2f}",
+            f"{step_torch / step_ours:.3f}",
+        ),
+    ]
+    print()
+    print("| measurement | ours (JAX/Flax) | PyTorch / HF | ours / torch |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    n0, n1 = sides[0] ** 2, sides[1] ** 2
+    print(
+        f"| block fwd+bwd (C={WIDTH}, {HEADS} heads, batch {plan.scale_batch}), median s "
+        f"| side {sides[0]} ({n0} tokens) | side {sides[1]} ({n1} tokens) | growth |"
+    )
+    print("|---|---|---|---|")
+    for kind, growth, what in (
+        ("swin", swin_growth, f"Swin shifted block, {WINDOW}x{WINDOW} windows"),
+        ("vit", vit_growth, "ViT block, global attention"),
+    ):
+        print(
+            f"| {what} | {med[f'{kind}@{sides[0]}']:.4f} | {med[f'{kind}@{sides[1]}']:.4f} "
+            f"| {growth:.2f} |"
+        )
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s")
+    print(
+        f"RESULT swin_ratio_vs_torch={ratio:.3f} swin_growth={swin_growth:.2f} "
+        f"vit_growth={vit_growth:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

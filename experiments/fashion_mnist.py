@@ -1,0 +1,512 @@
+"""Fashion-MNIST classification with ViT or Swin, on the platform trainer.
+
+Launch (default: Swin, about 20 minutes of training on 2 idle CPU cores):
+
+    python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
+    python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_vit \
+        --config.model.family=vit
+
+Variants and overrides (``smoke``: a minute; any field of the active family's table):
+
+    python -m experiments.fashion_mnist --workdir /tmp/fm \
+        --config=experiments/fashion_mnist.py:smoke --config.train.steps=50
+    python -m experiments.fashion_mnist --workdir /tmp/fm \
+        --config.model.swin.embed_dim=64 --config.model.swin.depths="(2, 4, 2)"
+
+Data: ``common.data.fashion_mnist`` (the Debian package's files through the tfds builder
+``fashion_mnist_debian``). Training reads ``train`` minus a fixed validation set of 5,000
+images, which is what the periodic evaluation scores; ``test`` (10,000) is scored once, at
+the end, and printed as ``test_accuracy=<value>``. Pixels are scaled to ``[0, 1]`` and
+standardised with the training set's mean and std; the optional augmentation (random
+crop after zero padding, horizontal flip) runs on the device inside the loss, drawn from
+the step's rng, so a resumed run sees the same augmented batches.
+
+Models for 28 x 28 x 1 inputs:
+
+* Swin (Liu et al. 2021): patch 2 -> a 14 x 14 token map, window 7, so stage 0 has 2 x 2
+  windows and its odd blocks use shifted windows (shift 3) with the attention mask of
+  section 3.2; stage 1 (7 x 7) is one window and stage 2 (4 x 4 after padding the odd 7)
+  too, as the reference does for maps no larger than the window.
+* ViT (Dosovitskiy et al. 2021): patch 4 -> 7 x 7 = 49 tokens of global attention, mean
+  pooled (the class token learns more slowly on a short budget).
+
+Outputs in the workdir: checkpoints (resumed automatically), ``metrics.jsonl`` with
+``images_per_s``, TensorBoard events, ``results.json``, ``predictions.png`` (a grid of test
+images with predicted and true labels) and, for Swin, ``swin_shift_mask.png`` (the
+shifted-window attention mask of stage 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from common import sharding as sharding_lib
+from common import training
+from common.data import fashion_mnist
+from common.flops import compiled_flops
+from common.losses import cross_entropy
+from vision import swin, vit
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FAMILIES = ("swin", "vit")
+# Per-pixel statistics of the training images scaled to [0, 1] (tested against the data).
+PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    """``variant``: ``""``, ``"smoke"``, ``"vit"`` or ``"smoke,vit"`` (comma-separated)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(
+        data_dir="",  # tfds data dir; "" = tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+        train_split=fashion_mnist.TRAIN_MINUS_VALIDATION,  # the first 55,000 of `train`
+        eval_split=fashion_mnist.VALIDATION,  # the last 5,000: scored during training
+        test_split="test",  # scored once at the end
+        crop_pad=0,  # random crop after zero-padding each side by this many pixels; 0: off
+        flip=True,  # random horizontal flips
+    )
+    c.model = dict(
+        family="swin",  # "swin" | "vit"
+        dtype="float32",
+        # Fields of vision.swin.Swin (its preset table is ImageNet-sized; this is the
+        # 28 x 28 model): three stages at 14x14, 7x7 and 4x4 tokens.
+        swin=dict(
+            patch_size=2,
+            embed_dim=48,  # C
+            depths=(2, 2, 2),
+            num_heads=(2, 4, 8),
+            window_size=7,  # M
+            mlp_ratio=2.0,
+            drop_path_rate=0.05,
+            attention_impl="einsum",  # on CPU faster than XLA's fused path for 49-token windows
+        ),
+        # Fields of vision.vit.ViT: 49 tokens of 4 x 4 patches.
+        vit=dict(
+            patch_size=4,
+            num_layers=6,
+            num_heads=4,
+            d_model=128,
+            d_ff=256,
+            pool="mean",
+            dropout=0.0,
+        ),
+    )
+    c.optim = dict(
+        lr=2e-3,
+        schedule="cosine",
+        warmup_steps=200,
+        total_steps=-1,  # -1: train.steps
+        min_lr_ratio=0.01,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.05,
+        grad_clip=1.0,
+    )
+    c.train = dict(
+        steps=2200,  # batch 128: 5.1 epochs of the 55,000 training images
+        batch_size=128,
+        label_smoothing=0.1,
+        accum_steps=1,
+        log_every=50,
+        eval_every=500,
+        checkpoint_every=500,
+        keep_checkpoints=2,
+        async_checkpoint=True,
+        report_mfu=True,
+    )
+    c.eval = dict(batch_size=512, grid_rows=6, grid_cols=8)
+    c.mesh = dict(data=-1, fsdp=1, rules=[list(r) for r in sharding_lib.DEFAULT_RULES])
+
+    parts = {p.strip() for p in (variant or "").split(",") if p.strip()}
+    unknown = parts - {"smoke", "vit", "swin"}
+    if unknown or {"vit", "swin"} <= parts:
+        raise ValueError(f"unknown variant {variant!r}; combine 'smoke' with 'vit' or 'swin'")
+    if "vit" in parts:
+        c.model.family = "vit"
+    if "smoke" in parts:  # under a minute on 2 cores: plumbing and a first sign of learning
+        c.model.swin.update(embed_dim=16, depths=(1, 1), num_heads=(1, 2), drop_path_rate=0.0)
+        c.model.vit.update(num_layers=2, num_heads=2, d_model=32, d_ff=64)
+        c.optim.update(lr=3e-3, warmup_steps=10)
+        c.train.update(steps=150, batch_size=64, log_every=25, eval_every=150)
+        c.train.update(checkpoint_every=75, report_mfu=False)
+        c.data.eval_split = "train[55000:56000]"  # the first 1,000 of the validation set
+        c.data.test_split = "test[:2000]"
+    return c
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(config) -> swin.Swin | vit.ViT:
+    """The classifier for 28 x 28 x 1 images and 10 classes from ``config.model``."""
+    family, dtype = config.model.family, config.model.dtype
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r} is not one of {FAMILIES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    fields = dict(config.model[family])
+    common = dict(
+        num_classes=len(fashion_mnist.CLASS_NAMES),
+        image_size=fashion_mnist.IMAGE_SHAPE[0],
+        num_channels=fashion_mnist.IMAGE_SHAPE[2],
+        dtype=DTYPES[dtype],
+    )
+    if family == "swin":
+        for key in ("depths", "num_heads"):
+            fields[key] = tuple(fields[key])
+        return swin.Swin(**common, **fields)
+    return vit.ViT(**common, **fields)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 ``[b, 28, 28, 1]`` -> float32 standardised pixels."""
+    return (images.astype(jnp.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+
+
+def augment(x: jax.Array, rng: jax.Array, crop_pad: int, flip: bool) -> jax.Array:
+    """Random crop after zero padding (zero = black background, in pixel space) and random
+    horizontal flip, independently per image. ``x``: standardised ``[b, h, w, c]``."""
+    b, h, w, _ = x.shape
+    crop_rng, flip_rng = jax.random.split(rng)
+    if crop_pad:
+        background = -PIXEL_MEAN / PIXEL_STD
+        padded = jnp.pad(
+            x,
+            ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad), (0, 0)),
+            constant_values=background,
+        )  # [b, h + 2p, w + 2p, c]
+        offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * crop_pad + 1)
+        x = jax.vmap(
+            lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
+        )(padded, offsets)
+    if flip:
+        mirrored = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
+        x = jnp.where(mirrored, x[:, :, ::-1], x)
+    return x
+
+
+def make_loss_fn(model, config):
+    """``loss_fn(params, batch, rng) -> (mean loss, {"accuracy"})`` for the trainer."""
+    dc, smoothing = config.data, config.train.label_smoothing
+
+    def loss_fn(params, batch, rng):
+        aug_rng, dropout_rng = jax.random.split(rng)
+        x = augment(normalize(batch["images"]), aug_rng, dc.crop_pad, dc.flip)
+        logits = model.apply(
+            {"params": params}, x, deterministic=False, rngs={"dropout": dropout_rng}
+        )  # [b, 10] float32
+        total, count = cross_entropy(logits, batch["labels"], label_smoothing=smoothing)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
+        return total / count, {"accuracy": accuracy}
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ShuffledBatches:
+    """Infinite iterator of ``{"images" uint8 [rows, 28, 28, 1], "labels" int32 [rows]}``.
+
+    Each epoch visits the examples in a fresh permutation drawn from ``(seed, epoch)``;
+    batch ``s`` holds global samples ``s * batch_size ...``, so the state is one step
+    counter and a resumed run reads the batches an uninterrupted one would. ``rows`` is
+    this process's slice of the global batch.
+    """
+
+    def __init__(self, images, labels, batch_size: int, *, seed: int = 0, process_rows=None):
+        if len(images) != len(labels) or len(labels) == 0:
+            raise ValueError(f"need as many images as labels (>0): {len(images)}, {len(labels)}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed = batch_size, seed
+        self.rows = process_rows if process_rows is not None else slice(0, batch_size)
+        self.step = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)),
+            )
+        return self._perm[1]
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        n = len(self.labels)
+        g = np.arange(self.batch_size)[self.rows] + step * self.batch_size  # global samples
+        idx = np.array([self._order(int(i // n))[i % n] for i in g])
+        return {"images": self.images[idx], "labels": self.labels[idx]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "batch_size"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"saved data state has {key}={state.get(key)!r}, this pipeline has "
+                    f"{getattr(self, key)!r}"
+                )
+        self.step = int(state["step"])
+
+
+def make_predictor(model, mesh, batch_size: int):
+    """``predict(params, images uint8 [N, ...]) -> logits float32 [N, 10]`` in batches
+    (the last one padded), each process feeding its rows of every batch."""
+    if batch_size % jax.device_count():
+        raise ValueError(
+            f"eval.batch_size={batch_size} is not divisible by {jax.device_count()} devices"
+        )
+    forward = jax.jit(lambda params, images: model.apply({"params": params}, normalize(images)))
+    rows = sharding_lib.process_batch_slice(batch_size)
+
+    def predict(params, images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            padded = np.zeros((batch_size, *images.shape[1:]), images.dtype)
+            padded[: len(chunk)] = chunk
+            logits = forward(params, sharding_lib.put_batch(padded[rows], mesh))
+            logits = multihost_utils.process_allgather(logits, tiled=True)
+            out.append(np.asarray(logits)[: len(chunk)])
+        return np.concatenate(out)
+
+    return predict
+
+
+def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    logp = jax.nn.log_softmax(jnp.asarray(logits), -1)
+    nll = -np.take_along_axis(np.asarray(logp), labels[:, None], 1).mean()
+    return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": float(nll)}
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def prediction_grid(
+    images: np.ndarray, labels: np.ndarray, preds: np.ndarray, rows: int, cols: int, scale: int = 3
+):
+    """A Pillow image: ``rows x cols`` test images (nearest-neighbour upscaled), each
+    captioned with the predicted label (green when right) and, when wrong, the true one."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    side = images.shape[1] * scale
+    cell_w, cell_h = max(side, 96), side + 28
+    canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k in range(min(rows * cols, len(images))):
+        r, c = divmod(k, cols)
+        x0, y0 = c * cell_w + (cell_w - side) // 2, r * cell_h
+        tile = Image.fromarray(images[k, :, :, 0]).resize((side, side), Image.NEAREST)
+        canvas.paste(tile.convert("RGB"), (x0, y0))
+        right = preds[k] == labels[k]
+        name = fashion_mnist.CLASS_NAMES
+        draw.text(
+            (c * cell_w + 2, y0 + side + 1),
+            name[preds[k]],
+            fill=(0, 130, 0) if right else "red",
+            font=font,
+        )
+        if not right:
+            draw.text(
+                (c * cell_w + 2, y0 + side + 13), f"({name[labels[k]]})", fill="black", font=font
+            )
+    return canvas
+
+
+def shift_mask_picture(height: int, width: int, window: int, shift: int, scale: int = 6):
+    """A Pillow image of SW-MSA on a ``height x width`` token map (paper figure 2 and
+    section 3.2). Left: the map after the cyclic roll by ``-shift``, each token coloured by
+    the window of the displaced partition it came from (so a window that mixes colours
+    holds tokens that were not adjacent in the image), window borders in black. Right: the
+    ``[M*M, M*M]`` mask of every window in the same layout, white where a query (row) may
+    attend to a key (column), as ``vision.swin.shifted_window_mask`` computes it."""
+    from PIL import Image, ImageDraw
+
+    mask = swin.shifted_window_mask(height, width, window, shift)  # [nW, N, N]
+    rows = (np.arange(height) + shift) % height  # un-rolled coordinates of the rolled map
+    cols = (np.arange(width) + shift) % width
+    piece = ((rows[:, None] - shift) // window + 1) * 64 + (cols[None] - shift) // window + 1
+    palette = np.random.default_rng(3).integers(60, 240, size=(piece.max() + 1, 3))
+    left = palette[piece].astype(np.uint8)  # [H, W, 3]
+    cell = 12
+    left_img = Image.fromarray(left).resize((width * cell, height * cell), Image.NEAREST)
+    draw = ImageDraw.Draw(left_img)
+    for i in range(0, height + 1, window):
+        draw.line([(0, i * cell), (width * cell, i * cell)], fill="black", width=2)
+    for j in range(0, width + 1, window):
+        draw.line([(j * cell, 0), (j * cell, height * cell)], fill="black", width=2)
+
+    n = window * window
+    gap = 4
+    nh, nw = height // window, width // window
+    right = np.full((nh * (n + gap) - gap, nw * (n + gap) - gap), 128, np.uint8)
+    for w_i in range(nh * nw):
+        i, j = divmod(w_i, nw)
+        right[i * (n + gap) : i * (n + gap) + n, j * (n + gap) : j * (n + gap) + n] = (
+            mask[w_i] * 255
+        )
+    mscale = max(1, scale // 2)
+    right_img = (
+        Image.fromarray(right)
+        .resize((right.shape[1] * mscale, right.shape[0] * mscale), Image.NEAREST)
+        .convert("RGB")
+    )
+    pad = 16
+    out = Image.new(
+        "RGB",
+        (
+            left_img.width + right_img.width + 3 * pad,
+            max(left_img.height, right_img.height) + 2 * pad + 14,
+        ),
+        "white",
+    )
+    out.paste(left_img, (pad, pad + 14))
+    out.paste(right_img, (2 * pad + left_img.width, pad + 14))
+    d = ImageDraw.Draw(out)
+    d.text(
+        (pad, 2),
+        f"{height}x{width} tokens rolled by -{shift}, windows {window}x{window}",
+        fill="black",
+    )
+    d.text(
+        (2 * pad + left_img.width, 2),
+        "per-window mask: query (row) may attend key (col)",
+        fill="black",
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    t0 = time.time()
+    dc = config.data
+    data_dir = dc.data_dir or None
+    train_x, train_y = fashion_mnist.load_arrays(dc.train_split, data_dir)
+    val_x, val_y = fashion_mnist.load_arrays(dc.eval_split, data_dir)
+    test_x, test_y = fashion_mnist.load_arrays(dc.test_split, data_dir)
+    print(
+        f"data: train {len(train_y):,} ({dc.train_split}), eval {len(val_y):,} "
+        f"({dc.eval_split}), test {len(test_y):,} ({dc.test_split})",
+        flush=True,
+    )
+
+    with config.unlocked():
+        if config.optim.total_steps <= 0:
+            config.optim.total_steps = config.train.steps
+    model = build_model(config)
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    bs = config.train.batch_size
+    train_data = ShuffledBatches(
+        train_x, train_y, bs, seed=config.seed, process_rows=sharding_lib.process_batch_slice(bs)
+    )
+    predict = make_predictor(model, mesh, config.eval.batch_size)
+
+    def evaluate(params, step):
+        return scores(predict(params, val_x), val_y)
+
+    example = jnp.zeros((1, *fashion_mnist.IMAGE_SHAPE), jnp.float32)
+    init_fn = lambda rng: model.init(rng, example)
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))["params"]
+    n_params = training.param_count(abstract)
+    flops = None
+    if config.train.report_mfu:  # forward FLOPs from XLA's cost analysis; training = 3x
+        images = jax.ShapeDtypeStruct((bs, *fashion_mnist.IMAGE_SHAPE), jnp.float32)
+        forward = lambda p, im: model.apply({"params": p}, im)
+        flops = 3 * compiled_flops(forward, nn.unbox(abstract), images)
+    meta = {
+        "model": {
+            "family": config.model.family,
+            "dtype": config.model.dtype,
+            **config.model[config.model.family].to_dict(),
+        },
+        "data": config.data.to_dict(),
+    }
+    t_train = time.time()
+    result = training.train(
+        config=config,
+        workdir=workdir,
+        init_fn=init_fn,
+        loss_fn=make_loss_fn(model, config),
+        train_data=train_data,
+        evaluate=evaluate,
+        meta=meta,
+        flops_per_step=flops,
+        images_per_step=bs,
+    )
+    train_s = time.time() - t_train
+    params = result.state.params
+
+    test_logits = predict(params, test_x)
+    test = scores(test_logits, test_y)
+    # The loop's last evaluation is at the final step unless the run had nothing to do.
+    val = result.eval_metrics or scores(predict(params, val_x), val_y)
+    records = []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        records = [json.loads(line) for line in open(path)]
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r]
+    summary = {
+        "family": config.model.family,
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": val["accuracy"],
+        "params": n_params,
+        "steps": config.train.steps,
+        "epochs": config.train.steps * bs / len(train_y),
+        "images_per_s": float(np.median(rates)) if rates else None,
+        "train_s": train_s,  # this invocation (a resumed run counts only its own steps)
+        "wall_s": time.time() - t0,
+        "resumed_from": result.resumed_from,
+    }
+    if jax.process_index() == 0:
+        preds = test_logits.argmax(-1)
+        ec = config.eval
+        prediction_grid(test_x, test_y, preds, ec.grid_rows, ec.grid_cols).save(
+            os.path.join(workdir, "predictions.png")
+        )
+        if isinstance(model, swin.Swin):
+            (h, w), *_ = model.stage_resolutions(*fashion_mnist.IMAGE_SHAPE[:2])
+            window, shift = swin.stage_windows(h, w, model.window_size)
+            if shift:
+                shift_mask_picture(h, w, window, shift).save(
+                    os.path.join(workdir, "swin_shift_mask.png")
+                )
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(
+            f"{config.model.family}: {n_params:,} params, {summary['epochs']:.2f} epochs, "
+            f"{summary['images_per_s'] or 0:.0f} images/s, training {train_s:.0f}s; "
+            f"validation accuracy {val['accuracy']:.4f}",
+            flush=True,
+        )
+        print(f"test_accuracy={test['accuracy']:.4f}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    from experiments import launch
+
+    launch.run(__file__, main)
