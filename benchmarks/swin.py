@@ -14,7 +14,8 @@ measured side by side in one process, alternating, on the same machine:
    betas, eps, weight-decay mask and clip): ``loss.backward(); clip; step(); zero_grad()``.
    Both start from the same weights (HF's init converted with ``vision.swin_convert``) and
    see the same batch, so their first losses must agree; rounds alternate who goes first
-   and the medians of the per-round step times are compared.
+   and the medians of the per-round step times are compared (torch's: the faster of 2 and
+   1 intra-op threads, see ``main``).
 2. Cost against image side: forward + backward (``jax.grad`` of the summed output) of one
    attention-bearing block of each kind at Swin-T's stage-0 width (C=96, 3 heads, MLP 4C),
    on a token map of side ``s`` and ``2s`` (``s = 28``: a 112 x 112 image at patch 4, or
@@ -53,6 +54,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -143,7 +145,8 @@ def build_ours_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
 
 
 def build_torch_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
-    """``run(n) -> last loss``: HF Swin-T + torch AdamW with our optimizer's settings."""
+    """``run(n, threads=THREADS) -> last loss``: HF Swin-T + torch AdamW with our
+    optimizer's settings, on ``threads`` intra-op threads."""
     hf.train()
     c = optim.default_config()
     decay = [p for p in hf.parameters() if p.ndim >= 2]  # our decay mask: matrices only
@@ -160,7 +163,8 @@ def build_torch_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
     x = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())  # NCHW
     y = torch.from_numpy(labels).long()
 
-    def run(n: int) -> float:
+    def run(n: int, threads: int = THREADS) -> float:
+        torch.set_num_threads(threads)
         for _ in range(n):
             logits = hf(pixel_values=x).logits  # float32 [batch, 1000]
             loss = torch.nn.functional.cross_entropy(logits, y)
@@ -168,7 +172,8 @@ def build_torch_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
             torch.nn.utils.clip_grad_norm_(hf.parameters(), c.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return float(loss)
+        torch.set_num_threads(THREADS)
+        return float(loss.detach())
 
     return run
 
@@ -262,10 +267,14 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     assert abs(loss_ours - loss_torch) < 1e-3 * abs(loss_torch), (loss_ours, loss_torch)
-    times, cpu = alternate({"ours": ours, "torch": theirs}, plan.rounds, plan.steps)
+    # torch is timed with 2 and with 1 intra-op threads: on a machine shared with other jobs
+    # its OpenMP threads spin waiting for each other, so one thread can be faster; the ratio
+    # is taken against the faster of the two.
+    sides = {"ours": ours, "torch": theirs, "torch-1t": functools.partial(theirs, threads=1)}
+    times, cpu = alternate(sides, plan.rounds, plan.steps)
     last_ours, last_torch = ours(1), theirs(1)
     assert ours.compiles() == 1, f"our train step compiled {ours.compiles()} times"
-    del ours, theirs, hf
+    del ours, theirs, sides, hf
 
     # 2. Block cost against the token-map side.
     sides = (SIDE, 2 * SIDE)
@@ -280,14 +289,17 @@ def main(argv: list[str] | None = None) -> None:
     vit_growth = med[f"vit@{sides[1]}"] / med[f"vit@{sides[0]}"]
 
     # Summary.
-    step_ours, step_torch = statistics.median(times["ours"]), statistics.median(times["torch"])
-    cpu_ours, cpu_torch = statistics.median(cpu["ours"]), statistics.median(cpu["torch"])
+    med_times = {k: statistics.median(v) for k, v in times.items()}
+    torch_side = min(("torch", "torch-1t"), key=med_times.get)
+    step_ours, step_torch = med_times["ours"], med_times[torch_side]
+    cpu_ours, cpu_torch = statistics.median(cpu["ours"]), statistics.median(cpu[torch_side])
     ratio = step_ours / step_torch
     print()
     print(
         f"Machine: {os.cpu_count()} CPU cores, no accelerator (jax {jax.default_backend()}); "
         f"{plan.rounds} rounds x {plan.steps} steps per side; load average "
-        f"{os.getloadavg()[0]:.1f}."
+        f"{os.getloadavg()[0]:.1f}. torch median step: {med_times['torch']:.3f}s with "
+        f"{THREADS} threads, {med_times['torch-1t']:.3f}s with 1; compared: {torch_side}."
     )
     print(
         f"Train loss after {2 + plan.rounds * plan.steps} steps on the same batch: ours "
