@@ -498,3 +498,18 @@ def test_bad_configs_name_the_field():
         swin.from_preset("swin-xl")
     with pytest.raises(ValueError, match=r"shift=3 must be in \[0, window=3\)"):
         swin.shifted_window_mask(6, 6, 3, 3)
+
+
+def test_merge_patches_is_inverted_by_depth_to_space():
+    """Patch merging only regroups values (no loss): putting each of the four ``C``-channel
+    slices back at its (row, col) offset recovers the (even-sided) input exactly, and
+    window partitioning the merged map equals merging each window of side ``2M``."""
+    b, h, w, c, m = 2, 12, 8, 3, 2
+    x = np.random.default_rng(1).normal(size=(b, h, w, c)).astype(np.float32)
+    merged = np.asarray(swin.merge_patches(jnp.asarray(x)))  # [b, h/2, w/2, 4c]
+    back = np.zeros_like(x)
+    for k, (di, dj) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        back[:, di::2, dj::2] = merged[..., k * c : (k + 1) * c]
+    np.testing.assert_array_equal(back, x)
+    per_window = swin.merge_patches(swin.window_partition(jnp.asarray(x), 2 * m))
+    np.testing.assert_array_equal(swin.window_partition(jnp.asarray(merged), m), per_window)
