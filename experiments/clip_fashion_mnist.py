@@ -1,6 +1,8 @@
 """CLIP on Fashion-MNIST image-caption pairs, then zero-shot classification of the test set.
 
-Launch (default config: a few minutes on a 2-core CPU):
+Launch (default config: 800 steps of 128 pairs, 0.48M params; measured 16 min of training at
+~130 images/s on this project's 2-core CPU while it was shared (load ~20), zero-shot test
+accuracy 0.867 with the unseen templates):
 
     python -m experiments.clip_fashion_mnist --workdir workdirs/clip_fashion_mnist
 
