@@ -372,28 +372,22 @@ def shift_mask_picture(height: int, width: int, window: int, shift: int, scale: 
         .resize((right.shape[1] * mscale, right.shape[0] * mscale), Image.NEAREST)
         .convert("RGB")
     )
-    pad = 16
+    pad, title = 16, 28  # margins; two lines of captions above the panels
     out = Image.new(
         "RGB",
         (
             left_img.width + right_img.width + 3 * pad,
-            max(left_img.height, right_img.height) + 2 * pad + 14,
+            max(left_img.height, right_img.height) + 2 * pad + title,
         ),
         "white",
     )
-    out.paste(left_img, (pad, pad + 14))
-    out.paste(right_img, (2 * pad + left_img.width, pad + 14))
+    out.paste(left_img, (pad, pad + title))
+    out.paste(right_img, (2 * pad + left_img.width, pad + title))
     d = ImageDraw.Draw(out)
-    d.text(
-        (pad, 2),
-        f"{height}x{width} tokens rolled by -{shift}, windows {window}x{window}",
-        fill="black",
-    )
-    d.text(
-        (2 * pad + left_img.width, 2),
-        "per-window mask: query (row) may attend key (col)",
-        fill="black",
-    )
+    d.text((pad, 2), f"{height}x{width} tokens rolled by -{shift}", fill="black")
+    d.text((pad, 16), f"{window}x{window} windows", fill="black")
+    d.text((2 * pad + left_img.width, 2), "mask of each window (white: the", fill="black")
+    d.text((2 * pad + left_img.width, 16), "query row may attend the key column)", fill="black")
     return out
 
 

@@ -91,7 +91,7 @@ def test_shift_mask_picture_shows_the_mask():
     # Locate the last window's panel: its last row/column pixel is the mask's corner.
     n, gap, scale = m * m, 4, 3
     x0 = 16 + 14 * 12 + 16  # pad + left panel + pad
-    y0 = 16 + 14
+    y0 = 16 + 28  # pad + two caption lines
     i, j = 1, 1  # window 3 in a 2 x 2 layout
     for q, k in [(0, 0), (0, 48), (48, 0), (20, 30), (45, 3)]:
         y = y0 + (i * (n + gap) + q) * scale + 1
