@@ -97,9 +97,11 @@ def hf_swin_t() -> transformers.SwinForImageClassification:
     return transformers.SwinForImageClassification(cfg)
 
 
-def build_ours_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
+def build_ours_train(
+    hf, images_nhwc: np.ndarray, labels: np.ndarray, attention_impl: str | None = None
+):
     """``run(n) -> last loss``: our train step exactly as ``common.training.train`` runs it."""
-    model = swin.Swin(**swin_config_from_hf(hf.config))
+    model = swin.Swin(**swin_config_from_hf(hf.config), attention_impl=attention_impl)
     assert model.drop_path_rate == 0.0 and model.window_size == 7 and model.embed_dim == 96
     # Copies: torch later updates its tensors in place, and jax may alias host numpy buffers.
     state_dict = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
@@ -231,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, help="override the Swin-T train batch")
     parser.add_argument("--rounds", type=int, help="override the number of train rounds")
     parser.add_argument(
+        "--attention-impl",
+        default=None,
+        choices=["xla", "einsum"],
+        help="Swin.attention_impl for ours (default: the model's default)",
+    )
+    parser.add_argument(
         "--system-malloc",
         action="store_true",
         help="keep glibc's default malloc settings (see MALLOC_ENV)",
@@ -246,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-        f"{transformers.__version__} (attention {hf.config._attn_implementation!r}); "
+        f"{transformers.__version__} (attention {hf.config._attn_implementation!r}); ours: "
+        f"attention_impl={args.attention_impl!r}; "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
@@ -255,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     images = rng.normal(size=(plan.batch, RESOLUTION, RESOLUTION, 3)).astype(np.float32)
     labels = rng.integers(0, NUM_CLASSES, plan.batch).astype(np.int32)
-    ours = build_ours_train(hf, images, labels)
+    ours = build_ours_train(hf, images, labels, args.attention_impl)
     theirs = build_torch_train(hf, images, labels)
     t = time.perf_counter()
     loss_ours = ours(1)  # compile + first step
