@@ -28,9 +28,9 @@ Measured (shared 2-core CPU, max_len 64, 200 pre-training + 150 fine-tuning step
 held-out LM loss was 6.35 nats per token (BPE vocabulary 4000), still about the unigram
 level, and the classifier predicted one genre for every passage (balanced accuracy 1/3;
 BERT did the same). 400 fine-tuning steps at lr 1e-3 from the same weights: genre_accuracy
-0.511, balanced 0.368 (recall comedy 0.01, history 0.22, tragedy 0.87), barely off chance. A word-count naive Bayes on the same passages reaches 0.475
-accuracy (balanced 0.598, 400-character passages), so the task is learnable but needs
-longer pre-training than that.
+0.511, balanced 0.368 (recall comedy 0.01, history 0.22, tragedy 0.87), barely off chance.
+A word-count naive Bayes on the same passages reaches 0.475 accuracy (balanced 0.598,
+400-character passages), so the task is learnable but needs longer pre-training than that.
 
 Phases run through ``common.training.train`` in ``workdir/pretrain`` and
 ``workdir/finetune`` and resume; results go to ``workdir/results.json``.
