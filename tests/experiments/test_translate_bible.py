@@ -123,5 +123,6 @@ def test_bad_lengths_are_clear_errors(tmp_path, tfds_dir):
     config = make_config(tfds_dir, **{"model.max_len": 64})
     model = tb.build_model(config, 512)
     tok = BPETokenizer.train(["a b c"], 300)
-    with pytest.raises(ValueError, match=r"verse Ruth 1:1 has 81 source tokens \(with EOS\), more than model.max_len=64"):
+    msg = r"verse Ruth 1:1 has 81 source tokens \(with EOS\), more than model.max_len=64"
+    with pytest.raises(ValueError, match=msg):
         tb.translate(model, None, tok, [[5] * 80], config, refs=["Ruth 1:1"])
