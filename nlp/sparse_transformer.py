@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import presets
+from common import presets, splash_attention
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
 from common.layers import MLP, layer_norm
@@ -56,6 +56,10 @@ from common.losses import cross_entropy
 Array = jax.Array
 ATTENTION_KINDS = ("dense", "strided", "fixed")
 MODES = ("interleaved", "merged", "multihead")
+# "xla": common.sparse_attention (the reference; CPU and GPU). "splash": the pattern's mask
+# through the Pallas block-sparse kernel of common.splash_attention (TPU; interpret mode,
+# exact but slow, elsewhere).
+ATTENTION_IMPLS = ("xla", "splash")
 POSITIONS = ("text", "image")
 REMAT_POLICIES = (
     None,
@@ -86,6 +90,7 @@ def sparse_pattern_attention(
     stride: int,
     c: int,
     head_offsets: Sequence[int] | None = None,
+    impl: str = "xla",
 ) -> Array:
     """Causal self-attention ``[b, n, h, d] -> [b, n, h, d]`` for one layer.
 
@@ -97,6 +102,15 @@ def sparse_pattern_attention(
         return dot_product_attention(q, k, v, is_causal=True)
     n = q.shape[1]
     q, k, v = (_pad_to(x, stride) for x in (q, k, v))
+    if impl == "splash":
+        length, heads = q.shape[1], q.shape[2]
+        if kind == "strided":
+            mask = sa.strided_mask(length, stride=stride, mode=part, heads=heads)
+        else:
+            mask = sa.fixed_mask(
+                length, block=stride, c=c, mode=part, heads=heads, head_offsets=head_offsets
+            )
+        return splash_attention.pattern_attention(q, k, v, np.asarray(mask))[:, :n]
     if kind == "strided":
         out = sa.strided_attention(q, k, v, stride=stride, mode=part)
     else:
@@ -116,6 +130,7 @@ class SparseSelfAttention(nn.Module):
     stride: int  # l: strided stride / fixed block
     c: int  # fixed pattern: summary positions per block
     head_offsets: tuple[int, ...] | None = None  # fixed pattern: per-head offsets of part B
+    impl: str = "xla"  # see ATTENTION_IMPLS
     init_std: float = 0.02
     out_init_std: float = 0.02  # std of the output projection (a residual branch)
     dtype: Any = jnp.float32
@@ -145,6 +160,7 @@ class SparseSelfAttention(nn.Module):
             stride=self.stride,
             c=self.c,
             head_offsets=self.head_offsets,
+            impl=self.impl,
         )  # [batch, len, heads, head_dim]
         return nn.DenseGeneral(
             d_model,
@@ -254,6 +270,7 @@ class SparseTransformer(nn.Module):
     stride: int = 128  # l: the strided pattern's stride, the fixed pattern's block
     c: int = 32  # fixed pattern: summary positions at the end of each block (c <= l)
     head_offsets: tuple[int, ...] | None = None  # fixed: per-head offsets of part B
+    attention_impl: str = "xla"  # see ATTENTION_IMPLS: "splash" = the Pallas kernel (TPU)
     positions: str = "text"  # "text": block + inner; "image": row + column + channel
     position_block: int | None = None  # text factorization block; None = stride
     image_shape: tuple[int, int, int] | None = None  # (rows, cols, channels) for "image"
@@ -284,6 +301,8 @@ class SparseTransformer(nn.Module):
             p.append(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
         if self.mode not in MODES:
             p.append(f"mode={self.mode!r} is not one of {MODES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            p.append(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             p.append(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.positions not in POSITIONS:
@@ -381,6 +400,7 @@ class SparseTransformer(nn.Module):
                 stride=self.stride,
                 c=self.c,
                 head_offsets=None if self.head_offsets is None else tuple(self.head_offsets),
+                impl=self.attention_impl,
                 init_std=self.init_std,
                 out_init_std=out_std,
                 parent=None,  # unbound: the block adopts it as its `attention` child

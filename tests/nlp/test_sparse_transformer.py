@@ -180,6 +180,7 @@ def test_bfloat16_compute_keeps_float32_params():
         (dict(attention="sparse"), r"attention='sparse'"),
         (dict(mode="mixed"), r"mode='mixed'"),
         (dict(remat_policy="some"), r"remat_policy='some'"),
+        (dict(attention_impl="triton"), r"attention_impl='triton'"),
         (dict(head_offsets=(0, 1)), r"head_offsets=\(0, 1\) needs 4 ints"),
         (dict(position_block=65), r"position_block=65"),
         (dict(positions="image", image_shape=(4, 4, 3)), r"image_shape=\(4, 4, 3\) holds 48"),
@@ -200,3 +201,14 @@ def test_enwik8_preset_matches_the_paper():
     model = st.from_preset("sparse-transformer-enwik8")
     assert (model.num_layers, model.d_model, model.num_heads, model.stride) == (30, 512, 8, 128)
     assert (model.attention, model.mode, model.c, model.max_len) == ("fixed", "merged", 32, 12288)
+
+
+@pytest.mark.parametrize("kind,mode", [("fixed", "interleaved"), ("strided", "multihead")])
+def test_splash_kernel_gives_the_xla_logits(kind, mode):
+    """The Pallas block-sparse kernel (interpret mode on CPU) computes the same model."""
+    model, params = _model_and_params(kind, mode)
+    splash = model.clone(attention_impl="splash")
+    tokens = _tokens()
+    np.testing.assert_allclose(
+        splash.apply(params, tokens), model.apply(params, tokens), atol=1e-4, rtol=1e-4
+    )
