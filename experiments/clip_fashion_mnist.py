@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ from common import sharding as sharding_lib
 from common import training
 from common.data import fashion_mnist
 from common.data.bpe import BPETokenizer
+from common.data.step_batches import StepBatches
 from experiments.zoo import lowered_flops
 from vision import clip
 
@@ -209,7 +209,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 - MEAN) / STD
 
 
-class CaptionedImages:
+class CaptionedImages(StepBatches):
     """Training batches ``{"images" [b, 28, 28, 1], "tokens" [b, context]}``.
 
     Row ``r`` of batch ``s`` is a random image with a caption from a random template
@@ -246,26 +246,6 @@ class CaptionedImages:
             "images": normalize(self.images[idx]),
             "tokens": self.captions[tmpl, self.labels[idx]],
         }
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(
-                    f"saved data state has {key}={state.get(key)!r}, this pipeline has "
-                    f"{getattr(self, key)!r}"
-                )
-        self.step = int(state["step"])
 
 
 # --------------------------------------------------------------------------- model

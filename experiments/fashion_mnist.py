@@ -53,6 +53,7 @@ from jax.experimental import multihost_utils
 from common import sharding as sharding_lib
 from common import training
 from common.data import fashion_mnist
+from common.data.step_batches import StepBatches
 from common.flops import compiled_flops
 from common.losses import cross_entropy
 from vision import swin, vit
@@ -216,7 +217,7 @@ def make_loss_fn(model, config):
 # --------------------------------------------------------------------------- data
 
 
-class ShuffledBatches:
+class ShuffledBatches(StepBatches):
     """Infinite iterator of ``{"images" uint8 [rows, 28, 28, 1], "labels" int32 [rows]}``.
 
     Each epoch visits the examples in a fresh permutation drawn from ``(seed, epoch)``;
@@ -247,26 +248,6 @@ class ShuffledBatches:
         g = np.arange(self.batch_size)[self.rows] + step * self.batch_size  # global samples
         idx = np.array([self._order(int(i // n))[i % n] for i in g])
         return {"images": self.images[idx], "labels": self.labels[idx]}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(
-                    f"saved data state has {key}={state.get(key)!r}, this pipeline has "
-                    f"{getattr(self, key)!r}"
-                )
-        self.step = int(state["step"])
 
 
 def make_predictor(model, mesh, batch_size: int):

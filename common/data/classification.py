@@ -12,9 +12,10 @@ order, padding the last batch with zero-weight rows.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import numpy as np
+
+from common.data.step_batches import StepBatches
 
 
 def _check(arrays: Mapping[str, np.ndarray]) -> int:
@@ -29,7 +30,7 @@ def _check(arrays: Mapping[str, np.ndarray]) -> int:
     return n
 
 
-class LabelledBatches:
+class LabelledBatches(StepBatches):
     """Infinite iterator of batches ``{key: [rows, ...]}`` drawn from ``arrays``."""
 
     def __init__(
@@ -61,26 +62,6 @@ class LabelledBatches:
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices_at(step)[self.rows]
         return {k: v[idx] for k, v in self.arrays.items()}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(
-                    f"saved data state has {key}={state.get(key)!r}, this pipeline has "
-                    f"{getattr(self, key)!r}"
-                )
-        self.step = int(state["step"])
 
 
 def eval_batches(

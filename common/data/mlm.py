@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from common.data.step_batches import StepBatches
+
 MASK_PROB = 0.15  # share of (non-special) positions chosen for prediction
 MASK_TOKEN_PROB = 0.8  # chosen -> [MASK]
 RANDOM_TOKEN_PROB = 0.1  # chosen -> a random token; the remaining 0.1 keep their token
@@ -63,7 +65,7 @@ def mask_tokens(
     return out, positions, targets
 
 
-class PretrainingPairs:
+class PretrainingPairs(StepBatches):
     """Infinite iterator of BERT pre-training batches (numpy, ``rows`` = this process's
     slice of ``batch_size``):
 
@@ -71,6 +73,8 @@ class PretrainingPairs:
     ``mlm_positions``, ``mlm_targets`` int32 and ``mlm_weights`` float32 (0 = padding slot)
     ``[rows, max_predictions]``; ``nsp_labels`` int32 ``[rows]`` (0 IsNext, 1 NotNext).
     """
+
+    STATE_KEYS = ("seed", "max_len", "batch_size")
 
     def __init__(
         self,
@@ -187,28 +191,3 @@ class PretrainingPairs:
         idx = np.arange(self.batch_size)[self.rows] + step * self.batch_size
         examples = [self.example(int(g)) for g in idx]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "max_len": self.max_len,
-            "batch_size": self.batch_size,
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "max_len", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(
-                    f"saved data state has {key}={state.get(key)!r}, this pipeline has "
-                    f"{getattr(self, key)!r}"
-                )
-        self.step = int(state["step"])

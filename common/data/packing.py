@@ -12,16 +12,18 @@ non-overlapping windows or sliding windows that give each scored token more cont
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from common.data.step_batches import StepBatches
 
-class PackedWindows:
+
+class PackedWindows(StepBatches):
     """Infinite iterator of ``{"inputs", "targets"}`` int32 ``[rows, seq_len]`` batches.
 
     ``rows`` is this process's slice (``process_rows``) of the global ``batch_size``.
     """
+
+    STATE_KEYS = ("seed", "seq_len", "batch_size")
 
     def __init__(
         self,
@@ -64,31 +66,6 @@ class PackedWindows:
             starts[j] = offset + perm[g % self.num_windows] * self.seq_len
         windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]  # [rows, T+1]
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "seq_len", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(
-                    f"saved data state has {key}={state.get(key)!r}, this "
-                    f"pipeline has {getattr(self, key)!r}"
-                )
-        self.step = int(state["step"])
 
 
 def eval_windows(
