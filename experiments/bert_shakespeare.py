@@ -64,7 +64,8 @@ from nlp import bert
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _phase(steps, batch_size, lr, warmup, every, schedule="linear"):
+def phase(steps, batch_size, lr, warmup, every, *, schedule="linear", eps=1e-6):
+    """The optim + train sections of one training phase (pre-training or fine-tuning)."""
     return dict(
         optim=dict(
             lr=lr,
@@ -74,7 +75,7 @@ def _phase(steps, batch_size, lr, warmup, every, schedule="linear"):
             min_lr_ratio=0.0,
             b1=0.9,
             b2=0.999,
-            eps=1e-6,
+            eps=eps,
             weight_decay=0.01,
             grad_clip=1.0,
         ),
@@ -114,8 +115,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         attn_dropout=0.1,
         dtype="float32",
     )
-    c.pretrain = _phase(steps=1000, batch_size=32, lr=1e-3, warmup=100, every=250)
-    c.finetune = _phase(steps=300, batch_size=32, lr=2e-4, warmup=30, every=300)
+    c.pretrain = phase(steps=1000, batch_size=32, lr=1e-3, warmup=100, every=250)
+    c.finetune = phase(steps=300, batch_size=32, lr=2e-4, warmup=30, every=300)
     c.eval = dict(batch_size=64, mlm_batches=20)  # held-out MLM: 20 x 64 pairs
     c.mesh = dict(data=-1, fsdp=1, rules=[list(r) for r in sharding_lib.DEFAULT_RULES])
     if variant == "smoke":  # seconds: plumbing only

@@ -55,7 +55,7 @@ from common.data.bpe import BPETokenizer
 from common.data.classification import LabelledBatches
 from common.data.packing import PackedWindows, eval_windows
 from common.losses import cross_entropy
-from experiments.bert_shakespeare import genre_evaluator, init_from, phase_config
+from experiments.bert_shakespeare import genre_evaluator, init_from, phase, phase_config
 from nlp import gpt
 from nlp.gpt_finetune import (
     GPTClassifier,
@@ -66,34 +66,6 @@ from nlp.gpt_finetune import (
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _phase(steps, batch_size, lr, warmup, every):
-    return dict(
-        optim=dict(
-            lr=lr,
-            schedule="cosine",
-            warmup_steps=warmup,
-            total_steps=-1,  # -1: the phase's steps
-            min_lr_ratio=0.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            grad_clip=1.0,
-        ),
-        train=dict(
-            steps=steps,
-            batch_size=batch_size,
-            accum_steps=1,
-            log_every=25,
-            eval_every=every,
-            checkpoint_every=every,
-            keep_checkpoints=2,
-            async_checkpoint=True,
-            report_mfu=False,
-        ),
-    )
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -117,8 +89,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",
     )
     c.lm_weight = 0.5  # lambda of eq. 5
-    c.pretrain = _phase(steps=1000, batch_size=32, lr=1e-3, warmup=100, every=250)
-    c.finetune = _phase(steps=300, batch_size=32, lr=2e-4, warmup=30, every=300)
+    c.pretrain = phase(1000, 32, lr=1e-3, warmup=100, every=250, schedule="cosine", eps=1e-8)
+    c.finetune = phase(300, 32, lr=2e-4, warmup=30, every=300, schedule="cosine", eps=1e-8)
     c.eval = dict(batch_size=64, max_tokens=20_000)  # held-out LM tokens scored
     c.mesh = dict(data=-1, fsdp=1, rules=[list(r) for r in sharding_lib.DEFAULT_RULES])
     if variant == "smoke":  # seconds: plumbing only
