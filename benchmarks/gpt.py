@@ -36,25 +36,11 @@ The last line printed is
 from __future__ import annotations
 
 import os
-import sys
 
-# Large temporaries (the [tokens, 50257] logits and their gradient, ~0.8 GB each) are freshly
-# mmapped and page-faulted on every step by glibc's default malloc: ~790k minor faults and
-# ~1.6 CPU-s of kernel time per train step here (torch: ~940k, ~2 s). Keeping freed memory in
-# one arena removes that for both sides. glibc reads these variables at start-up only, so the
-# benchmark re-executes itself once with them set (``--system-malloc`` skips this).
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-}
-if (
-    __name__ == "__main__"
-    and "--system-malloc" not in sys.argv
-    and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())
-):
-    os.environ.update(MALLOC_ENV)
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.gpt", *sys.argv[1:]])
+from benchmarks.harness import reexec_with_malloc_env
+
+if __name__ == "__main__":  # malloc settings for both sides: see benchmarks/harness.py
+    reexec_with_malloc_env("benchmarks.gpt")
 
 # XLA reads its flags once, when the backend starts: they must be in the environment before
 # jax is imported. ``BENCH_XLA_FLAGS`` (empty: XLA's defaults) is appended to any XLA_FLAGS
@@ -67,10 +53,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -78,6 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from benchmarks.harness import alternate, cpu_seconds  # noqa: E402
 from common import flops, optim, sharding, training  # noqa: E402
 from nlp import decoding, gpt  # noqa: E402
 from nlp.gpt_convert import gpt2_params_from_torch, gpt_config_from_hf  # noqa: E402
@@ -175,12 +160,6 @@ def torch_matmul_peak(n: int, repeats: int = 3) -> float:
     return 2 * n**3 / best
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 # ---------------------------------------------------------------------------- train step
 
 
@@ -253,38 +232,6 @@ def build_torch_train(hf: transformers.GPT2LMHeadModel, batch_np: dict[str, np.n
         return float(loss)
 
     return run
-
-
-def alternate(
-    sides: dict[str, Callable[[int], float]],
-    rounds: int,
-    steps: int,
-    between: Callable[[], None] | None = None,
-    label: str = "round",
-):
-    """Rounds of ``steps`` calls per side, sides alternating who goes first.
-
-    Returns ``{side: [wall s/call per round]}, {side: [CPU s/call per round]}``.
-    """
-    wall: dict[str, list[float]] = {name: [] for name in sides}
-    cpu: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            c, t = cpu_seconds(), time.perf_counter()
-            sides[name](steps)
-            wall[name].append((time.perf_counter() - t) / steps)
-            cpu[name].append((cpu_seconds() - c) / steps)
-        if between is not None:
-            between()
-        print(
-            f"  {label} {r}: "
-            + "  ".join(f"{n} {wall[n][-1]:.3f}s (cpu {cpu[n][-1]:.2f}s)" for n in names)
-            + f"  load {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
-    return wall, cpu
 
 
 # ---------------------------------------------------------------------------- generation

@@ -32,22 +32,11 @@ vit_growth=<time(2s)/time(s)>`` (one line).
 from __future__ import annotations
 
 import os
-import sys
 
-# As in benchmarks/gpt.py: keep freed memory in one malloc arena so large temporaries are not
-# page-faulted afresh on every step (both sides profit); glibc reads these at start-up only.
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-}
-if (
-    __name__ == "__main__"
-    and "--system-malloc" not in sys.argv
-    and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())
-):
-    os.environ.update(MALLOC_ENV)
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.swin", *sys.argv[1:]])
+from benchmarks.harness import reexec_with_malloc_env
+
+if __name__ == "__main__":  # malloc settings for both sides: see benchmarks/harness.py
+    reexec_with_malloc_env("benchmarks.swin")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -65,7 +54,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.gpt import alternate  # noqa: E402
+from benchmarks.harness import alternate  # noqa: E402
 from common import optim, sharding, training  # noqa: E402
 from common.losses import cross_entropy  # noqa: E402
 from vision import swin, vit  # noqa: E402

@@ -34,27 +34,15 @@ the headline ratio is against the faster of the two. The last line printed is
 from __future__ import annotations
 
 import os
-import sys
 
-# As benchmarks/gpt.py: keep freed memory in one glibc arena (no mmap / page faults for the
-# large temporaries) for both sides; glibc reads these at start-up, hence the re-exec.
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-}
-if (
-    __name__ == "__main__"
-    and "--system-malloc" not in sys.argv
-    and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items())
-):
-    os.environ.update(MALLOC_ENV)
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.transformer", *sys.argv[1:]])
+from benchmarks.harness import reexec_with_malloc_env
+
+if __name__ == "__main__":  # malloc settings for both sides: see benchmarks/harness.py
+    reexec_with_malloc_env("benchmarks.transformer")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -65,6 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.harness import alternate  # noqa: E402
 from common import optim, sharding, training  # noqa: E402
 from common.positional import sinusoidal_table  # noqa: E402
 from nlp import transformer as tr  # noqa: E402
@@ -335,31 +324,6 @@ def build_ours_train(torch_model: TorchSeq2Seq, cfg: Config, batch_np, attention
     run.batch = batch
     run.rng = rng
     return run
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def alternate(sides: dict[str, Callable[[int], float]], rounds: int, steps: int):
-    """Rounds of ``steps`` calls per side, sides alternating who goes first."""
-    wall: dict[str, list[float]] = {n: [] for n in sides}
-    cpu: dict[str, list[float]] = {n: [] for n in sides}
-    names = list(sides)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            c, t = cpu_seconds(), time.perf_counter()
-            sides[name](steps)
-            wall[name].append((time.perf_counter() - t) / steps)
-            cpu[name].append((cpu_seconds() - c) / steps)
-        print(
-            f"  round {r}: "
-            + "  ".join(f"{n} {wall[n][-1]:.3f}s (cpu {cpu[n][-1]:.2f}s)" for n in names)
-            + f"  load {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
-    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> None:
