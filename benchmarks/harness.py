@@ -8,29 +8,11 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import time
 from collections.abc import Callable
 
-# Large temporaries (a GPT's [tokens, 50257] logits and their gradient, ~0.8 GB each) are
-# freshly mmapped and page-faulted on every step by glibc's default malloc: ~790k minor faults
-# and ~1.6 CPU-s of kernel time per GPT train step here (torch: ~940k, ~2 s). Keeping freed
-# memory in one arena removes that for both sides. glibc reads these variables at start-up
-# only, so a benchmark re-executes itself once with them set (``--system-malloc`` skips it).
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-}
-
-
-def reexec_with_malloc_env(module: str) -> None:
-    """Re-run ``python -m <module> <args>`` with ``MALLOC_ENV`` unless it is already set."""
-    if "--system-malloc" in sys.argv:
-        return
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.environ.update(MALLOC_ENV)
-        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+# The malloc settings every benchmark runs both sides under: see common/malloc.py.
+from common.malloc import MALLOC_ENV, reexec_with_malloc_env  # noqa: F401
 
 
 def cpu_seconds() -> float:
