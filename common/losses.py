@@ -32,3 +32,49 @@ def cross_entropy(
         weights = jnp.ones_like(loss)
     weights = weights.astype(jnp.float32)
     return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+@jax.custom_vjp
+def projected_cross_entropy(
+    x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``cross_entropy(x @ w.T, targets, weights)`` with a hand-written backward pass.
+
+    x ``[..., d]`` (features), w ``[vocab, d]`` (a tied embedding / output projection),
+    targets ``[...]`` int, weights ``[...]``. The same value as the composition; what differs
+    is the backward pass of the vocab-sized part. Autodiff of the composition keeps
+    ``exp(logits - max)``, scatters the target picks, and copies the ``[tokens, vocab]``
+    logit gradient into a transposed buffer for ``dw``: five vocab-sized buffers. Here the
+    backward pass rebuilds ``softmax - onehot`` from the saved logits and their logsumexp in
+    one fusion and contracts it over tokens directly (``dw = (x^T g)^T``, a ``[d, vocab]``
+    transpose instead of a ``[tokens, vocab]`` one): two vocab-sized buffers. Logits are
+    accumulated in float32 whatever the dtype of ``x`` and ``w``.
+    """
+    return _projected_ce_fwd(x, w, targets, weights)[0]
+
+
+def _projected_logits(x, w):
+    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+
+
+def _projected_ce_fwd(x, w, targets, weights):
+    logits = _projected_logits(x, w)  # [..., vocab] float32
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    weights = weights.astype(jnp.float32)
+    out = (jnp.sum((logz - picked) * weights), jnp.sum(weights))
+    return out, (x, w, targets, weights, logits, logz)
+
+
+def _projected_ce_bwd(res, g):
+    x, w, targets, weights, logits, logz = res
+    g_total = g[0]  # the summed weight does not depend on x or w
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    scale = (weights * g_total)[..., None]
+    g_logits = ((jnp.exp(logits - logz[..., None]) - onehot) * scale).astype(x.dtype)
+    dx = jnp.einsum("...v,vd->...d", g_logits, w.astype(x.dtype)).astype(x.dtype)
+    dw = jnp.einsum("...d,...v->dv", x, g_logits).T.astype(w.dtype)
+    return dx, dw, None, jnp.zeros_like(weights)
+
+
+projected_cross_entropy.defvjp(_projected_ce_fwd, _projected_ce_bwd)

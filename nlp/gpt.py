@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from common import masks, presets
 from common.attention import IMPLEMENTATIONS, MultiHeadAttention
 from common.layers import MLP, layer_norm
-from common.losses import cross_entropy
+from common.losses import projected_cross_entropy
 from common.positional import LearnedPositional
 
 Array = jax.Array
@@ -189,8 +189,13 @@ class GPT(nn.Module):
         cache: dict[str, Any] | None = None,
         cache_index: Array | int = 0,  # absolute position of tokens[:, 0] when caching
         deterministic: bool = True,
+        features_only: bool = False,
     ):
-        """Logits ``[batch, len, vocab]`` (float32); with a cache, ``(logits, new_cache)``."""
+        """Logits ``[batch, len, vocab]`` (float32); with a cache, ``(logits, new_cache)``.
+
+        ``features_only``: the final features ``[batch, len, d_model]`` instead of logits,
+        for a loss that applies the tied projection itself (``lm_loss_fn``).
+        """
         length = tokens.shape[1]
         if cache is None and length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds the context max_len={self.max_len}")
@@ -235,6 +240,8 @@ class GPT(nn.Module):
                 new_cache[f"h_{i}"] = layer_cache
         if self.pre_norm:
             x = layer_norm("ln_f", eps=self.layer_norm_eps, **kw)(x)
+        if features_only:
+            return x if cache is None else (x, new_cache)
         logits = wte.attend(x).astype(jnp.float32)  # [batch, len, vocab]
         return logits if cache is None else (logits, new_cache)
 
@@ -298,14 +305,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 def lm_loss_fn(model: GPT):
     """Next-token loss for ``common.training``: ``(params, batch, rng) -> (mean nats, {})``.
 
-    ``batch``: ``inputs`` and ``targets``, int ``[batch, len]``; dropout is on.
+    ``batch``: ``inputs`` and ``targets``, int ``[batch, len]``; dropout is on. The tied
+    output projection and the loss are one ``projected_cross_entropy`` (same value as
+    ``cross_entropy`` of the logits, a leaner backward pass over the vocab-sized arrays).
     """
 
     def loss_fn(params, batch, rng):
-        logits = model.apply(
-            {"params": params}, batch["inputs"], deterministic=False, rngs={"dropout": rng}
+        x = model.apply(
+            {"params": params},
+            batch["inputs"],
+            deterministic=False,
+            rngs={"dropout": rng},
+            features_only=True,
         )
-        total, count = cross_entropy(logits, batch["targets"])
+        w = params["wte"]["embedding"].astype(model.dtype)  # [vocab, d_model]
+        weights = jnp.ones(batch["targets"].shape, jnp.float32)
+        total, count = projected_cross_entropy(x, w, batch["targets"], weights)
         return total / count, {}
 
     return loss_fn

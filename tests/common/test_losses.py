@@ -1,0 +1,51 @@
+"""Losses against their definitions: the fused projection + cross-entropy vs the composition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common.losses import cross_entropy, projected_cross_entropy
+
+
+def _inputs(dtype=jnp.float32):
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(k[0], (3, 7, 16)).astype(dtype)  # [batch, len, d]
+    w = (0.3 * jax.random.normal(k[1], (50, 16))).astype(dtype)  # [vocab, d]
+    targets = jax.random.randint(k[2], (3, 7), 0, 50)
+    weights = (jax.random.uniform(k[3], (3, 7)) > 0.3).astype(jnp.float32)
+    return x, w, targets, weights
+
+
+def _mean(loss):
+    def f(x, w, targets, weights):
+        total, count = loss(x, w, targets, weights)
+        return total / count
+
+    return f
+
+
+def _composed(x, w, targets, weights):
+    logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), w.astype(jnp.float32))
+    return cross_entropy(logits, targets, weights)
+
+
+def test_projected_cross_entropy_equals_the_composition():
+    args = _inputs()
+    np.testing.assert_allclose(projected_cross_entropy(*args), _composed(*args), rtol=1e-6)
+    g_new = jax.grad(_mean(projected_cross_entropy), (0, 1))(*args)
+    g_ref = jax.grad(_mean(_composed), (0, 1))(*args)
+    for new, ref in zip(g_new, g_ref):
+        np.testing.assert_allclose(new, ref, atol=1e-6)
+    # masked-out tokens get no gradient
+    weights = args[3]
+    assert float(jnp.abs(g_new[0][weights == 0]).max()) == 0.0
+
+
+def test_projected_cross_entropy_in_bfloat16_keeps_dtypes():
+    dtype = jnp.bfloat16
+    x, w, targets, weights = _inputs(dtype)
+    total, count = projected_cross_entropy(x, w, targets, weights)
+    assert total.dtype == jnp.float32  # logits accumulate in float32
+    np.testing.assert_allclose(total, _composed(x, w, targets, weights)[0], rtol=1e-2)
+    dx, dw = jax.grad(_mean(projected_cross_entropy), (0, 1))(x, w, targets, weights)
+    assert dx.dtype == dtype and dw.dtype == dtype
