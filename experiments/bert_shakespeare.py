@@ -305,6 +305,68 @@ def init_from(init_fn, pretrained: dict) -> callable:
     return init
 
 
+def finetune_genre(
+    config,
+    workdir: str,
+    *,
+    init_fn,
+    loss_fn,
+    predict,
+    mesh,
+    train_arrays: dict[str, np.ndarray],
+    held_arrays: dict[str, np.ndarray],
+    pretrain_metrics: dict[str, float],
+    meta: dict,
+    max_len: int,
+    t0: float,
+) -> dict:
+    """The fine-tuning phase both genre experiments share: train ``config.finetune`` on
+    ``train_arrays`` from ``init_fn``, score the held-out passages with ``predict(params,
+    batch) -> logits [b, 3]``, write ``results.json`` and print the headline lines."""
+    batch_size = config.finetune.train.batch_size
+    train_data = LabelledBatches(
+        train_arrays,
+        batch_size,
+        seed=config.seed,
+        process_rows=sharding_lib.process_batch_slice(batch_size),
+    )
+    evaluate_genre = genre_evaluator(predict, mesh, held_arrays, config.eval.batch_size)
+    ft = training.train(
+        config=phase_config(config, "finetune"),
+        workdir=os.path.join(workdir, "finetune"),
+        init_fn=init_fn,
+        loss_fn=loss_fn,
+        train_data=train_data,
+        evaluate=lambda params, step: evaluate_genre(params),
+        meta={**meta, "phase": "finetune"},
+        tokens_per_step=batch_size * max_len,
+    )
+    genre = evaluate_genre(ft.state.params)
+    counts = np.bincount(held_arrays["labels"], minlength=len(shakespeare.FOLIO_GENRES))
+    summary = {
+        **pretrain_metrics,
+        **genre,
+        "majority_baseline": float(counts.max() / counts.sum()),
+        "held_out_passages": {
+            g: int(c) for g, c in zip(shakespeare.FOLIO_GENRES, counts, strict=True)
+        },
+        "train_passages": int(len(train_arrays["labels"])),
+        "params": training.param_count(ft.state.params),
+        "wall_s": time.time() - t0,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(
+            f"held-out passages {summary['held_out_passages']} (majority baseline "
+            f"{summary['majority_baseline']:.3f}); balanced accuracy "
+            f"{genre['genre_balanced_accuracy']:.4f}",
+            flush=True,
+        )
+        print(f"genre_accuracy={genre['genre_accuracy']:.4f}", flush=True)
+    return summary
+
+
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     t0 = time.time()
     data_dir = config.data.data_dir or None
@@ -354,13 +416,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     chars = config.data.passage_chars
     train_arrays = encode_passages(shakespeare.genre_passages(train_plays, chars), tok, max_len)
     held_arrays = encode_passages(shakespeare.genre_passages(held_out, chars), tok, max_len)
-    ft_bs = config.finetune.train.batch_size
-    ft_data = LabelledBatches(
-        train_arrays,
-        ft_bs,
-        seed=config.seed,
-        process_rows=sharding_lib.process_batch_slice(ft_bs),
-    )
 
     def predict(params, batch):
         return clf.apply(
@@ -371,42 +426,23 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             method=bert.Bert.classify,
         )
 
-    evaluate_genre = genre_evaluator(predict, mesh, held_arrays, config.eval.batch_size)
     pretrained = traverse_util.flatten_dict(jax.device_get(pre.state.params), sep="/")
-    ft = training.train(
-        config=phase_config(config, "finetune"),
-        workdir=os.path.join(workdir, "finetune"),
+    summary = finetune_genre(
+        config,
+        workdir,
         init_fn=init_from(lambda rng: clf.init(rng, *example), pretrained),
         loss_fn=bert.classification_loss_fn(clf),
-        train_data=ft_data,
-        evaluate=lambda params, step: evaluate_genre(params),
-        meta={**meta, "phase": "finetune", "vocab_size": tok.vocab_size},
-        tokens_per_step=ft_bs * max_len,
+        predict=predict,
+        mesh=mesh,
+        train_arrays=train_arrays,
+        held_arrays=held_arrays,
+        pretrain_metrics=mlm_metrics,
+        meta={**meta, "vocab_size": tok.vocab_size},
+        max_len=max_len,
+        t0=t0,
     )
-    genre = evaluate_genre(ft.state.params)
-    counts = np.bincount(held_arrays["labels"], minlength=n_genres)
-    summary = {
-        **mlm_metrics,
-        **genre,
-        "majority_baseline": float(counts.max() / counts.sum()),
-        "held_out_passages": {
-            g: int(c) for g, c in zip(shakespeare.FOLIO_GENRES, counts, strict=True)
-        },
-        "train_passages": int(len(train_arrays["labels"])),
-        "params": training.param_count(ft.state.params),
-        "wall_s": time.time() - t0,
-    }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(
-            f"held-out passages {summary['held_out_passages']} (majority baseline "
-            f"{summary['majority_baseline']:.3f}); balanced accuracy "
-            f"{genre['genre_balanced_accuracy']:.4f}",
-            flush=True,
-        )
         print(f"mlm_accuracy={mlm_metrics['mlm_accuracy']:.4f}", flush=True)
-        print(f"genre_accuracy={genre['genre_accuracy']:.4f}", flush=True)
     return summary
 
 

@@ -38,7 +38,6 @@ Phases run through ``common.training.train`` in ``workdir/pretrain`` and
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -52,10 +51,9 @@ from common import sharding as sharding_lib
 from common import training
 from common.data import shakespeare
 from common.data.bpe import BPETokenizer
-from common.data.classification import LabelledBatches
 from common.data.packing import PackedWindows, eval_windows
 from common.losses import cross_entropy
-from experiments.bert_shakespeare import genre_evaluator, init_from, phase, phase_config
+from experiments.bert_shakespeare import finetune_genre, init_from, phase, phase_config
 from nlp import gpt
 from nlp.gpt_finetune import (
     GPTClassifier,
@@ -217,56 +215,22 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         ids = tok.encode_batch([p["text"] for p in passages])
         return encode_single(ids, [p["label"] for p in passages], max_len, task)
 
-    train_arrays, held_arrays = encode(train_plays), encode(held_out)
-    ft_bs = config.finetune.train.batch_size
-    ft_data = LabelledBatches(
-        train_arrays,
-        ft_bs,
-        seed=config.seed,
-        process_rows=sharding_lib.process_batch_slice(ft_bs),
-    )
-    evaluate_genre = genre_evaluator(
-        lambda params, batch: clf.apply(params, batch["tokens"], batch["extract"])[1],
-        mesh,
-        held_arrays,
-        config.eval.batch_size,
-    )
     gpt_params = add_task_tokens(jax.device_get(pre.state.params), jax.random.key(config.seed + 1))
     pretrained = traverse_util.flatten_dict({"gpt": gpt_params}, sep="/")
-    ft = training.train(
-        config=phase_config(config, "finetune"),
-        workdir=os.path.join(workdir, "finetune"),
+    return finetune_genre(
+        config,
+        workdir,
         init_fn=init_from(lambda rng: clf.init(rng, example), pretrained),
         loss_fn=finetune_loss_fn(clf, config.lm_weight),
-        train_data=ft_data,
-        evaluate=lambda params, step: evaluate_genre(params),
-        meta={**meta, "phase": "finetune", "vocab_size": tok.vocab_size},
-        tokens_per_step=ft_bs * max_len,
+        predict=lambda params, batch: clf.apply(params, batch["tokens"], batch["extract"])[1],
+        mesh=mesh,
+        train_arrays=encode(train_plays),
+        held_arrays=encode(held_out),
+        pretrain_metrics=lm_metrics,
+        meta={**meta, "vocab_size": tok.vocab_size},
+        max_len=max_len,
+        t0=t0,
     )
-    genre = evaluate_genre(ft.state.params)
-    counts = np.bincount(held_arrays["labels"], minlength=n_genres)
-    summary = {
-        **lm_metrics,
-        **genre,
-        "majority_baseline": float(counts.max() / counts.sum()),
-        "held_out_passages": {
-            g: int(c) for g, c in zip(shakespeare.FOLIO_GENRES, counts, strict=True)
-        },
-        "train_passages": int(len(train_arrays["labels"])),
-        "params": training.param_count(ft.state.params),
-        "wall_s": time.time() - t0,
-    }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(
-            f"held-out passages {summary['held_out_passages']} (majority baseline "
-            f"{summary['majority_baseline']:.3f}); balanced accuracy "
-            f"{genre['genre_balanced_accuracy']:.4f}",
-            flush=True,
-        )
-        print(f"genre_accuracy={genre['genre_accuracy']:.4f}", flush=True)
-    return summary
 
 
 if __name__ == "__main__":

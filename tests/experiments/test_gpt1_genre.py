@@ -39,12 +39,7 @@ SMALL = {
 
 def make_config(tfds_dir):
     config = gpt1_genre.get_config()
-    for key, value in {**SMALL, "data.data_dir": tfds_dir}.items():
-        *path, field = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[field] = value
+    config.update_from_flattened_dict({**SMALL, "data.data_dir": tfds_dir})
     return config
 
 
