@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from common import masks as masks_lib
 from common import sparse_attention
+from common.layers import StackedDense
 
 Array = jax.Array
 IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
@@ -133,13 +134,23 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
+        stacked = lambda num, name: StackedDense(
+            num,
+            (h, d),
+            kernel_init=nn.with_logical_partitioning(
+                self.kernel_init, ("embed", None, "heads", "kv")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
         if kv is None:
-            qkv = dense((3, h, d), "qkv", ("embed", None, "heads", "kv"))(x)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [b, t, h, d]
+            q, k, v = stacked(3, "qkv")(x)  # each [b, t, h, d]
         else:
             q = dense((h, d), "q", ("embed", "heads", "kv"))(x)
-            kvp = dense((2, h, d), "kv", ("embed", None, "heads", "kv"))(kv)
-            k, v = kvp[:, :, 0], kvp[:, :, 1]
+            k, v = stacked(2, "kv")(kv)
 
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -79,3 +80,53 @@ class MLP(nn.Module):
         h = activation(self.activation)(h)  # [batch, len, d_ff]
         h = dense(d_model, ("mlp", "embed"), name="proj", kernel_init=self.out_kernel_init, **kw)(h)
         return nn.Dropout(self.dropout)(h, deterministic=deterministic)
+
+
+class StackedDense(nn.Module):
+    """``n`` projections of the last axis (Q, K, V) stored as one stacked kernel, applied as
+    ``n`` separate dots.
+
+    The parameters are exactly ``nn.DenseGeneral((n, *features))``'s: ``kernel`` ``[in, n,
+    *features]`` and ``bias`` ``[n, *features]``, initialised the same way (on the flat
+    ``[in, n * prod(features)]`` shape), so converters and checkpoints see one fused
+    projection. What differs is the computation: slicing q, k and v out of one fused output
+    makes the backward pass zero-pad each of their gradients to the fused shape and add
+    them, three full-size passes; separate dots give contiguous outputs whose input gradients
+    accumulate in the matmuls. Measured on this CPU, QKV projection + causal attention +
+    output projection, forward and backward: -19% at GPT's [16, 256, 384] with 6 heads, -13%
+    at [32, 64, 256] with 4 heads.
+
+    Returns a tuple of ``n`` arrays ``[..., *features]``.
+    """
+
+    num: int
+    features: tuple[int, ...]
+    kernel_init: Callable[..., Any]  # may carry logical partitioning for the stacked shape
+    bias_init: Callable[..., Any] = nn.initializers.zeros
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, ...]:
+        shape = (x.shape[-1], self.num, *self.features)
+        out_size = self.num * math.prod(self.features)
+
+        def kernel_init(rng, shape, dtype):  # DenseGeneral's: init flat, then reshape
+            kernel = self.kernel_init(rng, (shape[0], out_size), dtype)
+            if isinstance(kernel, nn.meta.AxisMetadata):
+                return nn.meta.replace_boxed(kernel, jnp.reshape(kernel.unbox(), shape))
+            return jnp.reshape(kernel, shape)
+
+        kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, shape[1:], self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        outs = []
+        for i in range(self.num):
+            y = jax.lax.dot_general(x, kernel[:, i], (((x.ndim - 1,), (0,)), ((), ())))
+            outs.append(y if bias is None else y + bias[i])
+        return tuple(outs)

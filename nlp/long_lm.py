@@ -43,7 +43,7 @@ import numpy as np
 from common import presets
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
-from common.layers import layer_norm
+from common.layers import StackedDense, layer_norm
 from common.positional import sinusoidal_table
 from nlp.sparse_transformer import REMAT_POLICIES, remat_block
 
@@ -72,16 +72,16 @@ class LongAttention(nn.Module):
         d_model = x.shape[-1]
         h, d = self.num_heads, d_model // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = nn.DenseGeneral(
-            (3, h, d),
+        q, k, v = StackedDense(
+            3,
+            (h, d),
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.normal(self.init_std), ("embed", None, "heads", "kv")
             ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
             name="qkv",
             **kw,
-        )(x)  # [batch, len, 3, heads, head_dim]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        )(x)  # each [batch, len, heads, head_dim]
         rate = 0.0 if self.deterministic else self.attn_dropout
         rng = self.make_rng("dropout") if rate > 0.0 else None
         if self.kind == "D":

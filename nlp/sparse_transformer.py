@@ -50,7 +50,7 @@ import numpy as np
 from common import presets, splash_attention
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
-from common.layers import MLP, layer_norm
+from common.layers import MLP, StackedDense, layer_norm
 from common.losses import cross_entropy
 
 Array = jax.Array
@@ -140,8 +140,9 @@ class SparseSelfAttention(nn.Module):
     def __call__(self, x: Array) -> Array:
         d_model = x.shape[-1]
         h, d = self.num_heads, d_model // self.num_heads
-        qkv = nn.DenseGeneral(
-            (3, h, d),
+        q, k, v = StackedDense(
+            3,
+            (h, d),
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.normal(self.init_std), ("embed", None, "heads", "kv")
             ),
@@ -149,8 +150,7 @@ class SparseSelfAttention(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="qkv",
-        )(x)  # [batch, len, 3, heads, head_dim]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        )(x)  # each [batch, len, heads, head_dim]
         out = sparse_pattern_attention(
             q,
             k,

@@ -53,7 +53,7 @@ import numpy as np
 
 from common import presets
 from common.attention import IMPLEMENTATIONS, dot_product_attention
-from common.layers import ACTIVATIONS, MLP, layer_norm
+from common.layers import ACTIVATIONS, MLP, StackedDense, layer_norm
 
 Array = jax.Array
 
@@ -182,16 +182,16 @@ class WindowAttention(nn.Module):
         dim = x.shape[-1]
         h, d = self.num_heads, dim // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = nn.DenseGeneral(
-            (3, h, d),
+        q, k, v = StackedDense(
+            3,
+            (h, d),
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.truncated_normal(0.02), ("embed", None, "heads", "kv")
             ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
             name="qkv",
             **kw,
-        )(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [windows, w*w, heads, d]
+        )(x)  # each [windows, w*w, heads, d]
         table = self.param(
             "relative_position_bias_table",
             nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, "heads")),
