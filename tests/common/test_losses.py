@@ -34,7 +34,7 @@ def test_projected_cross_entropy_equals_the_composition():
     np.testing.assert_allclose(projected_cross_entropy(*args), _composed(*args), rtol=1e-6)
     g_new = jax.grad(_mean(projected_cross_entropy), (0, 1))(*args)
     g_ref = jax.grad(_mean(_composed), (0, 1))(*args)
-    for new, ref in zip(g_new, g_ref):
+    for new, ref in zip(g_new, g_ref, strict=True):
         np.testing.assert_allclose(new, ref, atol=1e-6)
     # masked-out tokens get no gradient
     weights = args[3]

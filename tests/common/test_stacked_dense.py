@@ -20,7 +20,9 @@ def test_stacked_dense_equals_dense_general(init):
     p_fused, p_stacked = fused.init(jax.random.key(0), x), stacked.init(jax.random.key(0), x)
     # same tree, same logical axes, same values (fan-in/out computed on the flat shape)
     assert p_stacked["params"]["kernel"].names == axes
-    for a, b in zip(jax.tree.leaves(nn.unbox(p_fused)), jax.tree.leaves(nn.unbox(p_stacked))):
+    for a, b in zip(
+        jax.tree.leaves(nn.unbox(p_fused)), jax.tree.leaves(nn.unbox(p_stacked)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     y = fused.apply(p_fused, x)  # [2, 5, 3, 4, 8]
     outs = stacked.apply(p_stacked, x)
@@ -33,5 +35,6 @@ def test_stacked_dense_equals_dense_general(init):
     for a, b in zip(
         jax.tree.leaves(jax.grad(loss_f, (0, 1))(nn.unbox(p_fused), x)),
         jax.tree.leaves(jax.grad(loss_s, (0, 1))(nn.unbox(p_stacked), x)),
+        strict=True,
     ):
         np.testing.assert_allclose(a, b, atol=1e-5)
