@@ -93,6 +93,15 @@ def phase(steps, batch_size, lr, warmup, every, *, schedule="linear", eps=1e-6):
     )
 
 
+def smoke_model_and_phases(c: ml_collections.ConfigDict) -> None:
+    """The ``smoke`` variant's model and two phases, shared with ``gpt1_genre``."""
+    c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64)
+    c.pretrain.train.update(steps=20, batch_size=16, eval_every=10, checkpoint_every=10)
+    c.pretrain.optim.warmup_steps = 5
+    c.finetune.train.update(steps=10, batch_size=16, eval_every=10, checkpoint_every=10)
+    c.finetune.optim.warmup_steps = 2
+
+
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -124,11 +133,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.data.max_len = 64
         c.data.max_predictions = 10
         c.data.passage_chars = 200
-        c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64)
-        c.pretrain.train.update(steps=20, batch_size=16, eval_every=10, checkpoint_every=10)
-        c.pretrain.optim.warmup_steps = 5
-        c.finetune.train.update(steps=10, batch_size=16, eval_every=10, checkpoint_every=10)
-        c.finetune.optim.warmup_steps = 2
+        smoke_model_and_phases(c)
         c.eval.update(batch_size=32, mlm_batches=2)
     elif variant not in (None, ""):
         raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")

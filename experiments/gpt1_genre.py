@@ -53,7 +53,13 @@ from common.data import shakespeare
 from common.data.bpe import BPETokenizer
 from common.data.packing import PackedWindows, eval_windows
 from common.losses import cross_entropy
-from experiments.bert_shakespeare import finetune_genre, init_from, phase, phase_config
+from experiments.bert_shakespeare import (
+    finetune_genre,
+    init_from,
+    phase,
+    phase_config,
+    smoke_model_and_phases,
+)
 from nlp import gpt
 from nlp.gpt_finetune import (
     GPTClassifier,
@@ -95,11 +101,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.data.vocab_size = 512
         c.data.max_len = 64
         c.data.passage_chars = 200
-        c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64)
-        c.pretrain.train.update(steps=20, batch_size=16, eval_every=10, checkpoint_every=10)
-        c.pretrain.optim.warmup_steps = 5
-        c.finetune.train.update(steps=10, batch_size=16, eval_every=10, checkpoint_every=10)
-        c.finetune.optim.warmup_steps = 2
+        smoke_model_and_phases(c)
         c.eval.update(batch_size=32, max_tokens=2_000)
     elif variant not in (None, ""):
         raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
