@@ -8,18 +8,32 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 @functools.cache
 def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """Best achieved FLOP/s of one ``n x n @ n x n`` matmul on the default device."""
-    a = jnp.ones((n, n), dtype)
+    """Best achieved FLOP/s of one ``n x n @ n x n`` matmul over this process's devices.
+
+    The rows of the left operand are split across the local devices (when ``n`` divides
+    evenly), so a CPU exposed as several one-thread devices (``common.sharding.
+    use_cpu_devices``) is measured with all its cores, as a data-parallel step uses them;
+    on one device this is a plain matmul. A multi-process run's peak is this times
+    ``jax.process_count()``.
+    """
+    devices = jax.local_devices()
+    if n % len(devices):
+        devices = devices[:1]
+    mesh = Mesh(np.array(devices), ("rows",))
+    a = jax.device_put(jnp.ones((n, n), dtype), NamedSharding(mesh, PartitionSpec("rows")))
+    b = jax.device_put(jnp.ones((n, n), dtype), NamedSharding(mesh, PartitionSpec()))
     f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
+    f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a, a).block_until_ready()
+        f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 

@@ -56,6 +56,40 @@ def maybe_initialize_distributed(
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
+CPU_DEVICE_FLAGS = ("--xla_force_host_platform_device_count", "--xla_cpu_multi_thread_eigen")
+
+
+def use_cpu_devices(count: int) -> int:
+    """Expose XLA's CPU backend as ``count`` devices of one thread each; returns the count.
+
+    ``-1``: one device per core this process may run on; ``0`` (or ``1``): XLA's default
+    of one device whose ops use every core. For models whose step is many small ops, data
+    parallelism over one-thread devices keeps every core busy where intra-op threading of
+    small ops does not: the Fashion-MNIST Swin step ran ~25% more images/s on the 2-core
+    machine as two one-thread devices than as one two-thread device. Accelerators are
+    unaffected (the flags are the CPU backend's). Sets ``XLA_FLAGS``, so it must run before
+    jax starts its backends; device-count flags already in ``XLA_FLAGS`` win.
+    """
+    from jax._src import xla_bridge
+
+    if count < -1:
+        raise ValueError(f"cpu_devices must be -1 (one per core), 0 or a count, got {count}")
+    if count == -1:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count <= 1 or any(f in flags for f in CPU_DEVICE_FLAGS):
+        return count
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(
+            "use_cpu_devices must run before jax's backends start (before any jax.devices() "
+            "or computation); set cpu_devices=0 or call it earlier"
+        )
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} {CPU_DEVICE_FLAGS[0]}={count} {CPU_DEVICE_FLAGS[1]}=false".strip()
+    )
+    return count
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``(data, fsdp)`` mesh over all devices; ``-1`` takes whatever the other axis leaves."""
     devices = list(jax.devices() if devices is None else devices)

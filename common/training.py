@@ -204,7 +204,9 @@ def train(
         out_shardings=(shardings, sharding_lib.replicated(mesh)),
         donate_argnums=0,
     )
-    peak = measured_matmul_peak() if (flops_per_step and tc.get("report_mfu", True)) else None
+    peak = None
+    if flops_per_step and tc.get("report_mfu", True):
+        peak = measured_matmul_peak() * jax.process_count()  # flops_per_step is global
     writer = MetricWriter(workdir, tc.steps, start_step=start)
     print(
         f"params={n_params:,} devices={jax.device_count()} mesh={dict(mesh.shape)} "

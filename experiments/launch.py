@@ -6,7 +6,8 @@
 fail, and the config is locked before training starts. The process first re-executes
 itself once with the malloc settings of ``common.malloc`` (page faults of large
 temporaries were up to a third of a training step's CPU time; ``LANDMARKS_SYSTEM_MALLOC=1``
-keeps glibc's defaults).
+keeps glibc's defaults). A config with a top-level ``cpu_devices`` field gets that many
+one-thread CPU devices (``common.sharding.use_cpu_devices``) before jax starts.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ def run(config_file: str, main: Callable[[ml_collections.ConfigDict, str], Any])
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        from common.sharding import maybe_initialize_distributed
+        from common.sharding import maybe_initialize_distributed, use_cpu_devices
 
+        config = flags.FLAGS.config
+        if "cpu_devices" in config:
+            use_cpu_devices(config.cpu_devices)
         maybe_initialize_distributed()
         for name in ("absl", "jax"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        main(flags.FLAGS.config, flags.FLAGS.workdir)
+        main(config, flags.FLAGS.workdir)
 
     app.run(_main, argv=sys.argv)
