@@ -1,6 +1,6 @@
 """Fashion-MNIST classification with ViT or Swin, on the platform trainer.
 
-Launch (default: Swin, 16.4 minutes of training on 2 idle CPU cores, test accuracy 0.885):
+Launch (default: Swin, 18.5 minutes of training on 2 idle CPU cores, test accuracy 0.899):
 
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_vit \
@@ -68,6 +68,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """``variant``: ``""``, ``"smoke"``, ``"vit"`` or ``"smoke,vit"`` (comma-separated)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # One-thread CPU devices, data parallel (common.sharding.use_cpu_devices): -1 = one per
+    # core, 0 = XLA's one device using every core. Read by the launcher before jax starts.
+    c.cpu_devices = -1
     c.data = dict(
         data_dir="",  # tfds data dir; "" = tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
         train_split=fashion_mnist.TRAIN_MINUS_VALIDATION,  # the first 55,000 of `train`
@@ -83,7 +86,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         # 28 x 28 model): three stages at 14x14, 7x7 and 4x4 tokens.
         swin=dict(
             patch_size=2,
-            embed_dim=48,  # C
+            embed_dim=32,  # C: at 32, 1.6x the images/s of 48 and more accuracy per minute
             depths=(2, 2, 2),
             num_heads=(2, 4, 8),
             window_size=7,  # M
@@ -115,7 +118,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         grad_clip=1.0,
     )
     c.train = dict(
-        steps=2600,  # batch 128: 6.05 epochs of the 55,000 training images, ~16.5 min idle
+        steps=6000,  # batch 128: 13.96 epochs of the 55,000 training images, ~18.5 min idle
         batch_size=128,
         label_smoothing=0.1,
         accum_steps=1,
