@@ -68,7 +68,8 @@ def use_cpu_devices(count: int) -> int:
     small ops does not: the Fashion-MNIST Swin step ran ~25% more images/s on the 2-core
     machine as two one-thread devices than as one two-thread device. Accelerators are
     unaffected (the flags are the CPU backend's). Sets ``XLA_FLAGS``, so it must run before
-    jax starts its backends; device-count flags already in ``XLA_FLAGS`` win.
+    jax starts its backends. If ``XLA_FLAGS`` already names either flag of
+    ``CPU_DEVICE_FLAGS``, the user's setting wins and nothing is changed.
     """
     from jax._src import xla_bridge
 
