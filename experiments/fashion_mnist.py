@@ -1,6 +1,7 @@
 """Fashion-MNIST classification with ViT or Swin, on the platform trainer.
 
-Launch (default: Swin, 18.5 minutes of training on 2 idle CPU cores, test accuracy 0.899):
+Launch (default: Swin, 18.5 minutes of training on 2 idle CPU cores, test accuracy 0.904
+with flip test-time augmentation, 0.899 without):
 
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_vit \
@@ -19,7 +20,8 @@ images, which is what the periodic evaluation scores; ``test`` (10,000) is score
 the end, and printed as ``test_accuracy=<value>``. Pixels are scaled to ``[0, 1]`` and
 standardised with the training set's mean and std; the optional augmentation (random
 crop after zero padding, horizontal flip) runs on the device inside the loss, drawn from
-the step's rng, so a resumed run sees the same augmented batches.
+the step's rng, so a resumed run sees the same augmented batches. With ``eval.flip_tta``
+(default) validation and test predictions average each image with its mirror image.
 
 Models for 28 x 28 x 1 inputs:
 
@@ -123,13 +125,20 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         label_smoothing=0.1,
         accum_steps=1,
         log_every=50,
-        eval_every=500,
+        eval_every=1000,  # 10,000 forward passes with flip_tta
         checkpoint_every=500,
         keep_checkpoints=2,
         async_checkpoint=True,
         report_mfu=True,
     )
-    c.eval = dict(batch_size=512, grid_rows=6, grid_cols=8)
+    c.eval = dict(
+        batch_size=512,
+        # Validation and test predictions average the class probabilities of each image and
+        # its mirror image (the training flips; on the 0.899 run: test 0.899 -> 0.904).
+        flip_tta=True,
+        grid_rows=6,
+        grid_cols=8,
+    )
     c.mesh = dict(data=-1, fsdp=1, rules=[list(r) for r in sharding_lib.DEFAULT_RULES])
 
     parts = {p.strip() for p in (variant or "").split(",") if p.strip()}
@@ -253,14 +262,26 @@ class ShuffledBatches(StepBatches):
         return {"images": self.images[idx], "labels": self.labels[idx]}
 
 
-def make_predictor(model, mesh, batch_size: int):
+def make_predictor(model, mesh, batch_size: int, flip_tta: bool = False):
     """``predict(params, images uint8 [N, ...]) -> logits float32 [N, 10]`` in batches
-    (the last one padded), each process feeding its rows of every batch."""
+    (the last one padded), each process feeding its rows of every batch. ``flip_tta``:
+    test-time augmentation with the training flips; the result is then the log of the mean
+    of the class probabilities of each image and its mirror image."""
     if batch_size % jax.device_count():
         raise ValueError(
             f"eval.batch_size={batch_size} is not divisible by {jax.device_count()} devices"
         )
-    forward = jax.jit(lambda params, images: model.apply({"params": params}, normalize(images)))
+
+    def forward(params, images):
+        x = normalize(images)
+        logits = model.apply({"params": params}, x)  # [b, 10]
+        if not flip_tta:
+            return logits
+        mirrored = model.apply({"params": params}, x[:, :, ::-1])
+        log_p = jnp.logaddexp(jax.nn.log_softmax(logits), jax.nn.log_softmax(mirrored))
+        return log_p - jnp.log(2.0)
+
+    forward = jax.jit(forward)
     rows = sharding_lib.process_batch_slice(batch_size)
 
     def predict(params, images: np.ndarray) -> np.ndarray:
@@ -400,7 +421,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_data = ShuffledBatches(
         train_x, train_y, bs, seed=config.seed, process_rows=sharding_lib.process_batch_slice(bs)
     )
-    predict = make_predictor(model, mesh, config.eval.batch_size)
+    predict = make_predictor(model, mesh, config.eval.batch_size, config.eval.flip_tta)
 
     def evaluate(params, step):
         return scores(predict(params, val_x), val_y)

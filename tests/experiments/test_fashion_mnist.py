@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import sharding as sharding_lib
 from common.data import fashion_mnist
 from experiments import fashion_mnist as fm
 from vision import swin
@@ -118,3 +120,17 @@ def test_model_configs_and_bad_inputs():
         fm.get_config("vit,swin")
     with pytest.raises(ValueError, match="unknown variant"):
         fm.get_config("large")
+
+
+def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
+    config = fm.get_config("smoke")
+    model = fm.build_model(config)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
+    mesh = sharding_lib.make_mesh(-1, 1)
+    images = np.random.default_rng(0).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
+    plain = fm.make_predictor(model, mesh, 16)
+    tta = fm.make_predictor(model, mesh, 16, flip_tta=True)
+    p = jax.nn.softmax(plain(params, images), -1)
+    p_mirror = jax.nn.softmax(plain(params, np.ascontiguousarray(images[:, :, ::-1])), -1)
+    np.testing.assert_allclose(np.exp(tta(params, images)), (p + p_mirror) / 2, atol=1e-6)
+    assert not np.allclose(p, p_mirror, atol=1e-3)  # the mirror image really differs
