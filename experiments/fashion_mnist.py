@@ -345,9 +345,14 @@ def shift_mask_picture(height: int, width: int, window: int, shift: int, scale: 
     the window of the displaced partition it came from (so a window that mixes colours
     holds tokens that were not adjacent in the image), window borders in black. Right: the
     ``[M*M, M*M]`` mask of every window in the same layout, white where a query (row) may
-    attend to a key (column), as ``vision.swin.shifted_window_mask`` computes it."""
+    attend to a key (column), as ``vision.swin.shifted_window_mask`` computes it. A map that
+    is not a multiple of the window is drawn zero-padded, as the block pads it."""
     from PIL import Image, ImageDraw
 
+    size = f"{height}x{width}"
+    height, width = height + -height % window, width + -width % window
+    if size != f"{height}x{width}":
+        size += f" (padded to {height}x{width})"
     mask = swin.shifted_window_mask(height, width, window, shift)  # [nW, N, N]
     rows = (np.arange(height) + shift) % height  # un-rolled coordinates of the rolled map
     cols = (np.arange(width) + shift) % width
@@ -389,7 +394,7 @@ def shift_mask_picture(height: int, width: int, window: int, shift: int, scale: 
     out.paste(left_img, (pad, pad + title))
     out.paste(right_img, (2 * pad + left_img.width, pad + title))
     d = ImageDraw.Draw(out)
-    d.text((pad, 2), f"{height}x{width} tokens rolled by -{shift}", fill="black")
+    d.text((pad, 2), f"{size} tokens rolled by -{shift}", fill="black")
     d.text((pad, 16), f"{window}x{window} windows", fill="black")
     d.text((2 * pad + left_img.width, 2), "mask of each window (white: the", fill="black")
     d.text((2 * pad + left_img.width, 16), "query row may attend the key column)", fill="black")

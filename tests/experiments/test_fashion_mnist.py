@@ -102,6 +102,23 @@ def test_shift_mask_picture_shows_the_mask():
         assert (picture[y, x] > 127) == mask[3, q, k], (q, k)
 
 
+def test_shift_mask_picture_pads_a_map_that_is_not_a_multiple_of_the_window():
+    """Window 4 on the 14 x 14 map: the block pads to 16 x 16 (16 windows), so must the
+    picture (this crashed at the end of a window-4 run before)."""
+    picture = fm.shift_mask_picture(14, 14, 4, 2)
+    mask = swin.shifted_window_mask(16, 16, 4, 2)  # [16, 16, 16]
+    n, gap, scale = 16, 4, 3
+    assert picture.width == 16 + 16 * 12 + 16 + (4 * (n + gap) - gap) * scale + 16
+    gray = np.asarray(picture.convert("L"))
+    x0, y0 = 16 + 16 * 12 + 16, 16 + 28
+    i, j = 3, 3  # the last window, which mixes pieces of the rolled map
+    assert not mask[15].all()
+    for q, k in [(0, 0), (0, 15), (15, 0), (5, 10)]:
+        y = y0 + (i * (n + gap) + q) * scale + 1
+        x = x0 + (j * (n + gap) + k) * scale + 1
+        assert (gray[y, x] > 127) == mask[15, q, k], (q, k)
+
+
 def test_model_configs_and_bad_inputs():
     model = fm.build_model(fm.get_config())
     assert isinstance(model, swin.Swin)
