@@ -1,7 +1,7 @@
 """Fashion-MNIST classification with ViT or Swin, on the platform trainer.
 
-Launch (default: Swin, 18.5 minutes of training on 2 idle CPU cores, test accuracy 0.904
-with flip test-time augmentation, 0.899 without):
+Launch (default: Swin, 18.6 minutes of training on 2 idle CPU cores, test accuracy 0.916
+with flip test-time augmentation, 0.911 without; the target is 0.92):
 
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_vit \
@@ -12,7 +12,7 @@ Variants and overrides (``smoke``: a minute; any field of the active family's ta
     python -m experiments.fashion_mnist --workdir /tmp/fm \
         --config=experiments/fashion_mnist.py:smoke --config.train.steps=50
     python -m experiments.fashion_mnist --workdir /tmp/fm \
-        --config.model.swin.embed_dim=64 --config.model.swin.depths="(2, 4, 2)"
+        --config.model.swin.embed_dim=96 --config.model.swin.depths="(2, 4, 2)"
 
 Data: ``common.data.fashion_mnist`` (the Debian package's files through the tfds builder
 ``fashion_mnist_debian``). Training reads ``train`` minus a fixed validation set of 5,000
@@ -25,10 +25,12 @@ the step's rng, so a resumed run sees the same augmented batches. With ``eval.fl
 
 Models for 28 x 28 x 1 inputs:
 
-* Swin (Liu et al. 2021): patch 2 -> a 14 x 14 token map, window 7, so stage 0 has 2 x 2
-  windows and its odd blocks use shifted windows (shift 3) with the attention mask of
-  section 3.2; stage 1 (7 x 7) is one window and stage 2 (4 x 4 after padding the odd 7)
-  too, as the reference does for maps no larger than the window.
+* Swin (Liu et al. 2021): the paper's 4 x 4 patches -> a 7 x 7 token map, window 4: the
+  block zero-pads the map to 8 x 8 (as the reference does), so stage 0 has 2 x 2 windows
+  and its odd blocks use shifted windows (shift 2) with the attention mask of section 3.2;
+  stage 1 (4 x 4 after padding the odd 7 for the merge) is one window and stage 2 (2 x 2)
+  too, as the reference does for maps no larger than the window. The earlier default,
+  patch 2 (14 x 14 tokens, window 7, C 32), scored 0.904 in 18.5 minutes.
 * ViT (Dosovitskiy et al. 2021): patch 4 -> 7 x 7 = 49 tokens of global attention, mean
   pooled (the class token learns more slowly on a short budget).
 
@@ -85,13 +87,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         family="swin",  # "swin" | "vit"
         dtype="float32",
         # Fields of vision.swin.Swin (its preset table is ImageNet-sized; this is the
-        # 28 x 28 model): three stages at 14x14, 7x7 and 4x4 tokens.
+        # 28 x 28 model): the paper's 4 x 4 patches, three stages at 7x7, 4x4 and 2x2 tokens,
+        # heads of width 32 as in the paper. Patch 4 with C 64 runs 1.35x the images/s of
+        # patch 2 with C 32 (14x14 tokens, window 7) and learns more per minute.
         swin=dict(
-            patch_size=2,
-            embed_dim=32,  # C: at 32, 1.6x the images/s of 48 and more accuracy per minute
+            patch_size=4,
+            embed_dim=64,  # C
             depths=(2, 2, 2),
             num_heads=(2, 4, 8),
-            window_size=7,  # M
+            window_size=4,  # M: 2 x 2 windows on the 7x7 map padded to 8x8, shift 2
             mlp_ratio=2.0,
             drop_path_rate=0.05,
             attention_impl="einsum",  # on CPU faster than XLA's fused path for 49-token windows
@@ -120,7 +124,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         grad_clip=1.0,
     )
     c.train = dict(
-        steps=6000,  # batch 128: 13.96 epochs of the 55,000 training images, ~18.5 min idle
+        steps=8200,  # batch 128: 19.08 epochs of the 55,000 training images, ~18.6 min idle
         batch_size=128,
         label_smoothing=0.1,
         accum_steps=1,
@@ -134,7 +138,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval = dict(
         batch_size=512,
         # Validation and test predictions average the class probabilities of each image and
-        # its mirror image (the training flips; on the 0.899 run: test 0.899 -> 0.904).
+        # its mirror image (the training flips; the default run: test 0.911 -> 0.916).
         flip_tta=True,
         grid_rows=6,
         grid_cols=8,

@@ -17,10 +17,10 @@ from common.data import fashion_mnist
 from experiments import fashion_mnist as fm
 from vision import swin
 
-# Measured with this smoke config (150 steps of 64 images, 9,600 images, 14k params):
-# test accuracy 0.458 on the first 2,000 test images with the default flip test-time
-# augmentation (0.456 without); chance is 0.10.
-SMOKE_BOUND = 0.38
+# Measured with this smoke config (150 steps of 64 images, 9,600 images, 13.8k params):
+# test accuracy 0.618 on the first 2,000 test images with the default flip test-time
+# augmentation (0.611 without); chance is 0.10.
+SMOKE_BOUND = 0.50
 
 
 def smoke_config(tfds_dir, **overrides):
@@ -123,7 +123,7 @@ def test_model_configs_and_bad_inputs():
     model = fm.build_model(fm.get_config())
     assert isinstance(model, swin.Swin)
     (h, w), *_ = model.stage_resolutions(28, 28)
-    assert (h, w) == (14, 14) and swin.stage_windows(h, w, model.window_size) == (7, 3)
+    assert (h, w) == (7, 7) and swin.stage_windows(h, w, model.window_size) == (4, 2)
     vit_model = fm.build_model(fm.get_config("vit"))
     assert vit_model.grid_size == (7, 7)
     config = fm.get_config()
