@@ -98,7 +98,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             window_size=4,  # M: 2 x 2 windows on the 7x7 map padded to 8x8, shift 2
             mlp_ratio=2.0,
             drop_path_rate=0.05,
-            attention_impl="einsum",  # on CPU faster than XLA's fused path for 49-token windows
+            attention_impl="einsum",  # on CPU faster than XLA's fused path (49-token windows)
         ),
         # Fields of vision.vit.ViT: 49 tokens of 4 x 4 patches.
         vit=dict(
@@ -353,17 +353,18 @@ def shift_mask_picture(height: int, width: int, window: int, shift: int, scale: 
     is not a multiple of the window is drawn zero-padded, as the block pads it."""
     from PIL import Image, ImageDraw
 
-    size = f"{height}x{width}"
+    size = f"{height}x{width} tokens"
     height, width = height + -height % window, width + -width % window
-    if size != f"{height}x{width}":
-        size += f" (padded to {height}x{width})"
+    if size != f"{height}x{width} tokens":
+        size += f" (padded {height}x{width})"
+    zoom = max(1, 16 // width)  # small maps drawn larger, so the captions fit
     mask = swin.shifted_window_mask(height, width, window, shift)  # [nW, N, N]
     rows = (np.arange(height) + shift) % height  # un-rolled coordinates of the rolled map
     cols = (np.arange(width) + shift) % width
     piece = ((rows[:, None] - shift) // window + 1) * 64 + (cols[None] - shift) // window + 1
     palette = np.random.default_rng(3).integers(60, 240, size=(piece.max() + 1, 3))
     left = palette[piece].astype(np.uint8)  # [H, W, 3]
-    cell = 12
+    cell = 12 * zoom
     left_img = Image.fromarray(left).resize((width * cell, height * cell), Image.NEAREST)
     draw = ImageDraw.Draw(left_img)
     for i in range(0, height + 1, window):
@@ -380,7 +381,7 @@ def shift_mask_picture(height: int, width: int, window: int, shift: int, scale: 
         right[i * (n + gap) : i * (n + gap) + n, j * (n + gap) : j * (n + gap) + n] = (
             mask[w_i] * 255
         )
-    mscale = max(1, scale // 2)
+    mscale = max(1, scale // 2) * zoom
     right_img = (
         Image.fromarray(right)
         .resize((right.shape[1] * mscale, right.shape[0] * mscale), Image.NEAREST)
@@ -398,8 +399,8 @@ def shift_mask_picture(height: int, width: int, window: int, shift: int, scale: 
     out.paste(left_img, (pad, pad + title))
     out.paste(right_img, (2 * pad + left_img.width, pad + title))
     d = ImageDraw.Draw(out)
-    d.text((pad, 2), f"{size} tokens rolled by -{shift}", fill="black")
-    d.text((pad, 16), f"{window}x{window} windows", fill="black")
+    d.text((pad, 2), size, fill="black")
+    d.text((pad, 16), f"rolled by -{shift}, {window}x{window} windows", fill="black")
     d.text((2 * pad + left_img.width, 2), "mask of each window (white: the", fill="black")
     d.text((2 * pad + left_img.width, 16), "query row may attend the key column)", fill="black")
     return out
