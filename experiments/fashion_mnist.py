@@ -1,7 +1,7 @@
 """Fashion-MNIST classification with ViT or Swin, on the platform trainer.
 
-Launch (default: Swin, 18.6 minutes of training on 2 idle CPU cores, test accuracy 0.916
-with flip test-time augmentation, 0.911 without; the target is 0.92):
+Launch (default: Swin, 18.6-19.5 minutes of training on 2 idle CPU cores, test accuracy
+0.917 with flip test-time augmentation (validation 0.928); the target is 0.92):
 
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_vit \
@@ -112,7 +112,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         ),
     )
     c.optim = dict(
-        lr=2e-3,
+        lr=1e-3,  # 2e-3 (the earlier default): test 0.916, validation 0.923
         schedule="cosine",
         warmup_steps=200,
         total_steps=-1,  # -1: train.steps
