@@ -79,6 +79,24 @@ def test_augment_is_a_crop_of_the_padded_image_and_a_flip():
         assert any(np.allclose(o, w) for w in windows)
 
 
+def test_random_erase_replaces_one_rectangle_of_the_stated_area_in_the_stated_share():
+    h, w, prob = 28, 28, 0.5
+    x = jnp.full((2000, h, w, 1), 7.0, jnp.float32)  # no fill value (pixels in [0, 1]) is 7
+    out = np.asarray(fm.random_erase(x, jax.random.key(3), prob))
+    changed = out[..., 0] != 7.0  # [b, h, w]
+    erased = changed.any((1, 2))
+    assert abs(erased.mean() - prob) < 4 * np.sqrt(prob * (1 - prob) / len(x))
+    for m in changed[erased][:200]:  # the changed pixels fill their bounding box
+        ys, xs = np.nonzero(m)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert m.sum() == box and box <= 0.4 * h * w + h + w  # rounding of each side
+    fill = out[..., 0][changed] * fm.PIXEL_STD + fm.PIXEL_MEAN  # back to pixel space
+    assert fill.min() >= 0.0 and fill.max() <= 1.0 and abs(fill.mean() - 0.5) < 0.01
+    area = changed[erased].mean((1, 2))  # the paper's range 0.02-0.4 of the image, clipped
+    assert 0.17 < area.mean() < 0.23 and area.min() >= 0.0 and area.max() <= 0.45
+    np.testing.assert_array_equal(fm.augment(x, jax.random.key(3), 0, False, 0.0), x)
+
+
 def test_normalized_training_pixels_have_zero_mean_unit_std(tfds_dir):
     images, _ = fashion_mnist.load_arrays("train[:20000]", tfds_dir)
     x = np.asarray(fm.normalize(jnp.asarray(images)))
