@@ -232,7 +232,7 @@ def random_erase(
     image gets one rectangle of ``area`` x its pixels and height/width ratio in ``aspect``
     (log-uniform), clipped to the image, at a uniform position, filled with uniform random
     pixels in ``[0, 1]`` (standardised like the image). ``x``: standardised ``[b, h, w, c]``."""
-    b, h, w, c = x.shape
+    b, h, w, _ = x.shape
     k_on, k_area, k_aspect, k_y, k_x, k_fill = jax.random.split(rng, 6)
     on = jax.random.bernoulli(k_on, prob, (b,))
     s = jax.random.uniform(k_area, (b,), minval=area[0], maxval=area[1]) * (h * w)
