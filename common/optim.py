@@ -3,12 +3,13 @@
 ``config`` fields (an ``ml_collections.ConfigDict`` or anything with attributes):
 ``lr``, ``schedule`` ("cosine" | "linear" | "inverse_sqrt" | "constant"), ``warmup_steps``,
 ``total_steps``, ``min_lr_ratio``, ``b1``, ``b2``, ``eps``, ``weight_decay``, ``grad_clip``
-(global-norm clip, 0 disables).
+(global-norm clip, 0 disables) and ``ema_decay`` (0 disables; otherwise the optimizer state
+also tracks an exponential moving average of the parameters, see ``param_ema``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
             eps=1e-8,
             weight_decay=0.1,
             grad_clip=1.0,
+            ema_decay=0.0,
         )
     )
     c.update(overrides)
@@ -75,8 +77,41 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+class ParamEmaState(NamedTuple):
+    ema: Any  # the moving average, a tree like the params
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+    """Polyak averaging as the last link of a chain: passes the updates through unchanged and
+    keeps ``ema <- decay * ema + (1 - decay) * (params + updates)``, starting from the initial
+    params (their weight after ``t`` steps is ``decay**t``). It lives in the optimizer state,
+    so it is sharded like the params and checkpointed with them."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"optim.ema_decay={decay} must be in (0, 1) (0 disables the EMA)")
+
+    def init(params):
+        return ParamEmaState(ema=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("param_ema needs the params: call tx.update(grads, state, params)")
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
+        return updates, ParamEmaState(ema=ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any | None:
+    """The parameter EMA tracked by ``param_ema`` inside ``opt_state``, or None."""
+    is_ema = lambda x: isinstance(x, ParamEmaState)
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_ema) if is_ema(s)]
+    return found[0].ema if found else None
+
+
 def adamw(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and a weight-decay mask; returns (tx, schedule)."""
+    """AdamW with global-norm clipping and a weight-decay mask (and, with ``ema_decay > 0``,
+    the parameter EMA of ``param_ema``); returns (tx, schedule)."""
     sched = schedule(config)
     parts = []
     if config.grad_clip and config.grad_clip > 0:
@@ -91,4 +126,7 @@ def adamw(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
             mask=decay_mask,
         )
     )
+    ema_decay = config.get("ema_decay", 0.0) if hasattr(config, "get") else 0.0
+    if ema_decay:
+        parts.append(param_ema(ema_decay))
     return optax.chain(*parts), sched

@@ -29,7 +29,7 @@ from common import sharding as sharding_lib
 from common.checkpoint import Checkpointer
 from common.flops import measured_matmul_peak
 from common.metrics import MetricWriter
-from common.optim import adamw
+from common.optim import adamw, ema_params
 
 log = logging.getLogger(__name__)
 Batch = dict[str, Any]
@@ -142,6 +142,13 @@ def create_state(
     return jax.device_put(state, shardings), shardings
 
 
+def eval_params(state: TrainState) -> Any:
+    """The parameters to evaluate: their moving average when the optimizer tracks one
+    (``optim.ema_decay > 0``), else the trained params themselves."""
+    ema = ema_params(state.opt_state)
+    return state.params if ema is None else ema
+
+
 def param_count(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
@@ -171,6 +178,8 @@ def train(
     Reads ``config.seed``, ``config.optim`` (see ``common.optim``), ``config.mesh`` (``data``,
     ``fsdp``) and ``config.train`` (``steps``, ``accum_steps``, ``log_every``,
     ``eval_every``, ``checkpoint_every``, ``keep_checkpoints``, ``async_checkpoint``).
+    ``evaluate(params, step)`` gets ``eval_params(state)``: the parameter EMA when
+    ``optim.ema_decay > 0``.
     Throughput is logged as ``tokens_per_s`` and/or ``images_per_s`` when the tokens or
     images of one step are given.
     """
@@ -251,7 +260,7 @@ def train(
                         metrics["mfu"] = flops_per_step / dt / peak
                 writer.write(done, metrics)
             if evaluate is not None and (done % tc.eval_every == 0 or done == tc.steps):
-                eval_metrics = evaluate(state.params, done)
+                eval_metrics = evaluate(eval_params(state), done)
                 writer.write(done, eval_metrics, split="eval")
                 t_last, steps_since = time.perf_counter(), 0  # eval time is not step time
             if is_ckpt:

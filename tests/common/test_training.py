@@ -1,5 +1,6 @@
 """The train step: sharded over 8 simulated devices equals one device; gradient accumulation
-equals the big batch; schedules and the weight-decay mask follow their definitions."""
+equals the big batch; schedules, the weight-decay mask and the parameter EMA follow their
+definitions."""
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,34 @@ def test_weight_decay_mask_skips_biases_and_norms():
         "ln": {"scale": False},
         "wte": {"embedding": True},
     }
+
+
+def test_param_ema_follows_its_definition_and_leaves_the_updates_alone():
+    params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
+    plain, _ = optim.adamw(optim_config())
+    tracked, _ = optim.adamw(optim_config(ema_decay=0.9))
+    s_plain, s_tracked = plain.init(params), tracked.init(params)
+    p_plain = p_tracked = params
+    expected = params  # the EMA starts at the initial params
+    for i in range(4):
+        grads = {"w": jnp.array([0.3, -1.0, 2.0]) * (i + 1), "b": jnp.array(0.1 * i)}
+        u_plain, s_plain = plain.update(grads, s_plain, p_plain)
+        u_tracked, s_tracked = tracked.update(grads, s_tracked, p_tracked)
+        jax.tree.map(np.testing.assert_array_equal, u_tracked, u_plain)
+        p_plain = p_tracked = jax.tree.map(jnp.add, p_plain, u_plain)
+        expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, expected, p_plain)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+            optim.ema_params(s_tracked),
+            expected,
+        )
+    assert optim.ema_params(s_plain) is None
+    state = training.TrainState(step=jnp.array(4), params=p_tracked, opt_state=s_tracked)
+    assert training.eval_params(state) is optim.ema_params(s_tracked)
+    state = training.TrainState(step=jnp.array(4), params=p_plain, opt_state=s_plain)
+    assert training.eval_params(state) is p_plain
+    with pytest.raises(ValueError, match="ema_decay=1.0 must be in"):
+        optim.adamw(optim_config(ema_decay=1.0))
 
 
 def test_mesh_must_cover_devices():
