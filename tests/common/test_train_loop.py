@@ -1,6 +1,8 @@
 """The training loop: a non-finite loss stops the run with a clear message and keeps the last
-good checkpoint; a second start on the same workdir resumes. (Plumbing: synthetic tokens.)"""
+good checkpoint; a second start on the same workdir resumes, parameter EMA included, and
+evaluation sees the EMA. (Plumbing: synthetic tokens.)"""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -23,11 +25,11 @@ class Poisoned(PackedWindows):
         return batch
 
 
-def config(steps):
+def config(steps, ema_decay=0.0):
     return ml_collections.ConfigDict(
         dict(
             seed=0,
-            optim=optim.default_config(lr=1e-2, total_steps=steps),
+            optim=optim.default_config(lr=1e-2, total_steps=steps, ema_decay=ema_decay),
             mesh=dict(data=-1, fsdp=1, rules=[list(r) for r in sharding.DEFAULT_RULES]),
             train=dict(
                 steps=steps,
@@ -43,7 +45,7 @@ def config(steps):
     )
 
 
-def run(workdir, steps, poison_at=-1):
+def run(workdir, steps, poison_at=-1, ema_decay=0.0, evaluate=None):
     model = gpt.from_preset("gpt-tiny")
     base = gpt.lm_loss_fn(model)
 
@@ -55,11 +57,12 @@ def run(workdir, steps, poison_at=-1):
     data = Poisoned(tokens, 16, 8, seed=0)
     data.poison_at = poison_at
     return training.train(
-        config=config(steps),
+        config=config(steps, ema_decay),
         workdir=str(workdir),
         init_fn=lambda r: model.init(r, jnp.zeros((1, 16), jnp.int32)),
         loss_fn=loss_fn,
         train_data=data,
+        evaluate=evaluate,
         meta={"model": "gpt-tiny"},
     )
 
@@ -76,3 +79,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     result = run(tmp_path, steps=10)
     assert result.resumed_from == 4
     assert int(result.state.step) == 10
+
+
+def test_parameter_ema_resumes_exactly_and_is_what_evaluation_sees(tmp_path):
+    seen = {}
+
+    def evaluate(params, step):
+        seen[step] = params
+        return {}
+
+    whole = run(tmp_path / "whole", steps=10, ema_decay=0.8, evaluate=evaluate)
+    ema = optim.ema_params(whole.state.opt_state)
+    assert seen[10] is ema
+    gap = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), ema, whole.state.params)
+    assert max(jax.tree.leaves(gap)) > 1e-3  # the EMA is not the params themselves
+    with pytest.raises(training.NonFiniteLossError):
+        run(tmp_path / "killed", steps=10, poison_at=5, ema_decay=0.8)
+    resumed = run(tmp_path / "killed", steps=10, ema_decay=0.8)
+    assert resumed.resumed_from == 4
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        optim.ema_params(resumed.state.opt_state),
+        ema,
+    )
