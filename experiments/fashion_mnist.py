@@ -22,7 +22,9 @@ standardised with the training set's mean and std; the optional augmentation (ra
 crop after zero padding, horizontal flip, random erasing) runs on the device inside the
 loss, drawn from the step's rng, so a resumed run sees the same augmented batches. With
 ``eval.flip_tta`` (default) validation and test predictions average each image with its
-mirror image.
+mirror image; ``eval.shift_tta=s`` also averages, in the final scores, its copies shifted by
+up to ``s`` pixels (for models trained with crops). ``results.json`` holds the test accuracy
+with each test-time augmentation up to the configured one (``test_accuracy_by_tta``).
 
 Models for 28 x 28 x 1 inputs:
 
@@ -146,6 +148,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         # Validation and test predictions average the class probabilities of each image and
         # its mirror image (the training flips; the lr 2e-3 run: test 0.911 -> 0.916).
         flip_tta=True,
+        # > 0: the final validation and test scores also average the views shifted by up to
+        # this many pixels each way ((2s + 1)^2 shifts, each with its mirror image when
+        # flip_tta): for models trained with data.crop_pad. The periodic validation during
+        # training keeps to the flips (shifted views cost 9x at s = 1).
+        shift_tta=0,
         grid_rows=6,
         grid_cols=8,
     )
@@ -307,24 +314,52 @@ class ShuffledBatches(StepBatches):
         return {"images": self.images[idx], "labels": self.labels[idx]}
 
 
-def make_predictor(model, mesh, batch_size: int, flip_tta: bool = False):
+def translate(x: jax.Array, dy: int, dx: int) -> jax.Array:
+    """``x`` (standardised ``[b, h, w, c]``) moved down by ``dy`` and right by ``dx`` pixels
+    (negative: up / left); the uncovered border is background (black), as in the crops."""
+    if not (dy or dx):
+        return x
+    _, h, w, _ = x.shape
+    p = max(abs(dy), abs(dx))
+    background = -PIXEL_MEAN / PIXEL_STD
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=background)
+    return padded[:, p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_views(flip: bool, shift: int) -> list[tuple[int, int, bool]]:
+    """``(dy, dx, mirrored)`` of every test-time view: all shifts in ``[-shift, shift]``
+    along both axes, each also mirrored when ``flip``; ``[(0, 0, False)]`` is no TTA."""
+    if shift < 0:
+        raise ValueError(f"eval.shift_tta={shift} must be >= 0")
+    offsets = range(-shift, shift + 1)
+    mirrors = (False, True) if flip else (False,)
+    return [(dy, dx, m) for dy in offsets for dx in offsets for m in mirrors]
+
+
+def make_predictor(model, mesh, batch_size: int, flip_tta: bool = False, shift_tta: int = 0):
     """``predict(params, images uint8 [N, ...]) -> logits float32 [N, 10]`` in batches
-    (the last one padded), each process feeding its rows of every batch. ``flip_tta``:
-    test-time augmentation with the training flips; the result is then the log of the mean
-    of the class probabilities of each image and its mirror image."""
+    (the last one padded), each process feeding its rows of every batch. Test-time
+    augmentation: ``flip_tta`` adds each image's mirror image (the training flips),
+    ``shift_tta`` its copies shifted by up to that many pixels each way (for models trained
+    with ``data.crop_pad``); the result is then the log of the mean of the class
+    probabilities over the views (``tta_views``)."""
     if batch_size % jax.device_count():
         raise ValueError(
             f"eval.batch_size={batch_size} is not divisible by {jax.device_count()} devices"
         )
+    views = tta_views(flip_tta, shift_tta)
 
     def forward(params, images):
         x = normalize(images)
-        logits = model.apply({"params": params}, x)  # [b, 10]
-        if not flip_tta:
-            return logits
-        mirrored = model.apply({"params": params}, x[:, :, ::-1])
-        log_p = jnp.logaddexp(jax.nn.log_softmax(logits), jax.nn.log_softmax(mirrored))
-        return log_p - jnp.log(2.0)
+        if len(views) == 1:
+            return model.apply({"params": params}, x)  # [b, 10]
+        log_p = [
+            jax.nn.log_softmax(
+                model.apply({"params": params}, translate(x[:, :, ::-1] if m else x, dy, dx))
+            )
+            for dy, dx, m in views
+        ]  # each [b, 10]
+        return jax.nn.logsumexp(jnp.stack(log_p), axis=0) - jnp.log(len(views))
 
     forward = jax.jit(forward)
     rows = sharding_lib.process_batch_slice(batch_size)
@@ -472,7 +507,16 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_data = ShuffledBatches(
         train_x, train_y, bs, seed=config.seed, process_rows=sharding_lib.process_batch_slice(bs)
     )
-    predict = make_predictor(model, mesh, config.eval.batch_size, config.eval.flip_tta)
+    ec = config.eval
+    predict = make_predictor(model, mesh, ec.batch_size, ec.flip_tta)
+    # Final scores: each test-time augmentation up to the configured one, the last counts.
+    ladder = {"none": make_predictor(model, mesh, ec.batch_size)}
+    if ec.flip_tta:
+        ladder["flip"] = predict
+    if ec.shift_tta:
+        name = f"{'flip+' if ec.flip_tta else ''}shift{ec.shift_tta}"
+        ladder[name] = make_predictor(model, mesh, ec.batch_size, ec.flip_tta, ec.shift_tta)
+    predict_final = list(ladder.values())[-1]
 
     def evaluate(params, step):
         return scores(predict(params, val_x), val_y)
@@ -509,16 +553,20 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_s = time.time() - t_train
     params = training.eval_params(result.state)  # the EMA when optim.ema_decay > 0
 
-    test_logits = predict(params, test_x)
+    by_tta = {name: p(params, test_x) for name, p in ladder.items()}
+    test_logits = by_tta[list(ladder)[-1]]
     test = scores(test_logits, test_y)
-    # The loop's last evaluation is at the final step unless the run had nothing to do.
-    val = result.eval_metrics or scores(predict(params, val_x), val_y)
+    # The loop's last evaluation is at the final step unless the run had nothing to do; it
+    # used the flips only, so with shifted views validation is scored again.
+    val = result.eval_metrics
+    if not val or ec.shift_tta:
+        val = scores(predict_final(params, val_x), val_y)
     raw = {}
     if params is not result.state.params:  # the EMA was scored: the raw params too
         raw_params = result.state.params
         raw = {
-            "raw_test_accuracy": scores(predict(raw_params, test_x), test_y)["accuracy"],
-            "raw_val_accuracy": scores(predict(raw_params, val_x), val_y)["accuracy"],
+            "raw_test_accuracy": scores(predict_final(raw_params, test_x), test_y)["accuracy"],
+            "raw_val_accuracy": scores(predict_final(raw_params, val_x), val_y)["accuracy"],
         }
     records = []
     path = os.path.join(workdir, "metrics.jsonl")
@@ -529,6 +577,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "family": config.model.family,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
+        "test_accuracy_by_tta": {k: scores(v, test_y)["accuracy"] for k, v in by_tta.items()},
         "val_accuracy": val["accuracy"],
         **raw,
         "params": n_params,
@@ -541,7 +590,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
     if jax.process_index() == 0:
         preds = test_logits.argmax(-1)
-        ec = config.eval
         prediction_grid(test_x, test_y, preds, ec.grid_rows, ec.grid_cols).save(
             os.path.join(workdir, "predictions.png")
         )
@@ -566,6 +614,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 f"validation {raw['raw_val_accuracy']:.4f}",
                 flush=True,
             )
+        ladder_text = ", ".join(f"{k} {v:.4f}" for k, v in summary["test_accuracy_by_tta"].items())
+        print(f"test accuracy by test-time augmentation: {ladder_text}", flush=True)
         print(f"test_accuracy={test['accuracy']:.4f}", flush=True)
     return summary
 

@@ -34,6 +34,8 @@ def smoke_config(tfds_dir, **overrides):
 def test_short_swin_run_learns_and_resumes(tmp_path, tfds_dir):
     summary = fm.main(smoke_config(tfds_dir), str(tmp_path))
     assert summary["test_accuracy"] > SMOKE_BOUND, summary
+    by_tta = summary["test_accuracy_by_tta"]
+    assert list(by_tta) == ["none", "flip"] and by_tta["flip"] == summary["test_accuracy"]
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in records if r["split"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"]
@@ -42,9 +44,12 @@ def test_short_swin_run_learns_and_resumes(tmp_path, tfds_dir):
     for name in ("predictions.png", "swin_shift_mask.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
     # Same workdir and config: the run resumes at its last step and scores the same.
-    again = fm.main(smoke_config(tfds_dir), str(tmp_path))
+    # Scoring with shifted views too (eval.shift_tta) adds a rung to the ladder.
+    again = fm.main(smoke_config(tfds_dir, **{"eval.shift_tta": 1}), str(tmp_path))
     assert again["resumed_from"] == 150
-    assert again["test_accuracy"] == summary["test_accuracy"]
+    assert again["test_accuracy_by_tta"]["flip"] == summary["test_accuracy"]
+    assert list(again["test_accuracy_by_tta"]) == ["none", "flip", "flip+shift1"]
+    assert again["test_accuracy"] == again["test_accuracy_by_tta"]["flip+shift1"]
 
 
 def test_shuffled_batches_visit_each_example_once_per_epoch_and_resume():
@@ -170,3 +175,42 @@ def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
     p_mirror = jax.nn.softmax(plain(params, np.ascontiguousarray(images[:, :, ::-1])), -1)
     np.testing.assert_allclose(np.exp(tta(params, images)), (p + p_mirror) / 2, atol=1e-6)
     assert not np.allclose(p, p_mirror, atol=1e-3)  # the mirror image really differs
+
+
+def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The definition: pixel (i, j) of the result is pixel (i - dy, j - dx) of the image,
+    0 (black) where that lies outside."""
+    out = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    for i in range(h):
+        for j in range(w):
+            if 0 <= i - dy < h and 0 <= j - dx < w:
+                out[:, i, j] = images[:, i - dy, j - dx]
+    return out
+
+
+def test_shift_tta_averages_the_probabilities_of_every_shifted_and_mirrored_view():
+    config = fm.get_config("smoke")
+    model = fm.build_model(config)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
+    mesh = sharding_lib.make_mesh(-1, 1)
+    images = np.random.default_rng(1).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
+    plain = fm.make_predictor(model, mesh, 16)
+    tta = fm.make_predictor(model, mesh, 16, flip_tta=True, shift_tta=1)
+    views = fm.tta_views(True, 1)
+    assert len(views) == 18 and len(set(views)) == 18
+    expected = np.mean(
+        [
+            jax.nn.softmax(plain(params, shifted(images[:, :, ::-1] if m else images, dy, dx)))
+            for dy, dx, m in views
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(np.exp(tta(params, images)), expected, atol=1e-6)
+    one = np.zeros((1, 28, 28, 1), np.uint8)
+    one[0, 5, 7] = 255
+    moved = fm.translate(fm.normalize(one), 1, -2)
+    np.testing.assert_allclose(moved, fm.normalize(shifted(one, 1, -2)), atol=1e-6)
+    assert np.argmax(np.asarray(moved).reshape(-1)) == 6 * 28 + 5
+    with pytest.raises(ValueError, match="eval.shift_tta=-1 must be >= 0"):
+        fm.tta_views(True, -1)
