@@ -204,6 +204,12 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
+def pad_with_background(x: jax.Array, pad: int) -> jax.Array:
+    """Standardised ``[b, h, w, c]`` -> ``[b, h + 2 pad, w + 2 pad, c]``, the border black."""
+    background = -PIXEL_MEAN / PIXEL_STD
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=background)
+
+
 def augment(
     x: jax.Array, rng: jax.Array, crop_pad: int, flip: bool, erase_prob: float = 0.0
 ) -> jax.Array:
@@ -213,12 +219,7 @@ def augment(
     b, h, w, _ = x.shape
     crop_rng, flip_rng = jax.random.split(rng)
     if crop_pad:
-        background = -PIXEL_MEAN / PIXEL_STD
-        padded = jnp.pad(
-            x,
-            ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad), (0, 0)),
-            constant_values=background,
-        )  # [b, h + 2p, w + 2p, c]
+        padded = pad_with_background(x, crop_pad)  # [b, h + 2p, w + 2p, c]
         offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * crop_pad + 1)
         x = jax.vmap(
             lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
@@ -321,9 +322,7 @@ def translate(x: jax.Array, dy: int, dx: int) -> jax.Array:
         return x
     _, h, w, _ = x.shape
     p = max(abs(dy), abs(dx))
-    background = -PIXEL_MEAN / PIXEL_STD
-    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=background)
-    return padded[:, p - dy : p - dy + h, p - dx : p - dx + w]
+    return pad_with_background(x, p)[:, p - dy : p - dy + h, p - dx : p - dx + w]
 
 
 def tta_views(flip: bool, shift: int) -> list[tuple[int, int, bool]]:
