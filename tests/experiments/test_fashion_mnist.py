@@ -163,14 +163,19 @@ def test_model_configs_and_bad_inputs():
         fm.get_config("large")
 
 
-def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
-    config = fm.get_config("smoke")
-    model = fm.build_model(config)
+def smoke_predictors(seed: int, **tta):
+    """A randomly initialised smoke model's params, 20 random images, and its predictors
+    without and with the test-time augmentation ``tta``."""
+    model = fm.build_model(fm.get_config("smoke"))
     params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
     mesh = sharding_lib.make_mesh(-1, 1)
-    images = np.random.default_rng(0).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
+    images = np.random.default_rng(seed).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
     plain = fm.make_predictor(model, mesh, 16)
-    tta = fm.make_predictor(model, mesh, 16, flip_tta=True)
+    return params, images, plain, fm.make_predictor(model, mesh, 16, **tta)
+
+
+def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
+    params, images, plain, tta = smoke_predictors(0, flip_tta=True)
     p = jax.nn.softmax(plain(params, images), -1)
     p_mirror = jax.nn.softmax(plain(params, np.ascontiguousarray(images[:, :, ::-1])), -1)
     np.testing.assert_allclose(np.exp(tta(params, images)), (p + p_mirror) / 2, atol=1e-6)
@@ -190,13 +195,7 @@ def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def test_shift_tta_averages_the_probabilities_of_every_shifted_and_mirrored_view():
-    config = fm.get_config("smoke")
-    model = fm.build_model(config)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
-    mesh = sharding_lib.make_mesh(-1, 1)
-    images = np.random.default_rng(1).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
-    plain = fm.make_predictor(model, mesh, 16)
-    tta = fm.make_predictor(model, mesh, 16, flip_tta=True, shift_tta=1)
+    params, images, plain, tta = smoke_predictors(1, flip_tta=True, shift_tta=1)
     views = fm.tta_views(True, 1)
     assert len(views) == 18 and len(set(views)) == 18
     expected = np.mean(
