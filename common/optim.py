@@ -72,9 +72,21 @@ def schedule(config: Any) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+# Parameters kept out of weight decay by name, as their reference implementations do: Swin's
+# relative position bias tables (``no_weight_decay_keywords`` of microsoft/Swin-Transformer).
+NO_DECAY_NAMES = ("relative_position_bias_table",)
+
+
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices (kernels and embeddings), not on biases and norm scales."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Weight decay on matrices (kernels and embeddings), not on biases (of any rank: a
+    fused q/k/v bias is ``[3, heads, head_dim]``), norm scales or ``NO_DECAY_NAMES``."""
+
+    def decays(path, p) -> bool:
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        name = names[-1] if names else ""
+        return jnp.ndim(p) >= 2 and name != "bias" and name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 class ParamEmaState(NamedTuple):
