@@ -140,11 +140,8 @@ def build_torch_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
     optimizer's settings, on ``threads`` intra-op threads."""
     hf.train()
     c = optim.default_config()
-    # our decay mask (common.optim.decay_mask): matrices, not the relative position bias tables
-    named = list(hf.named_parameters())
-    kept = lambda n, p: p.ndim >= 2 and not any(k in n for k in optim.NO_DECAY_NAMES)
-    decay = [p for n, p in named if kept(n, p)]
-    no_decay = [p for n, p in named if not kept(n, p)]
+    decay = [p for p in hf.parameters() if p.ndim >= 2]  # our decay mask: matrices only
+    no_decay = [p for p in hf.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": c.weight_decay},

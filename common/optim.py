@@ -72,21 +72,17 @@ def schedule(config: Any) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-# Parameters kept out of weight decay by name, as their reference implementations do: Swin's
-# relative position bias tables (``no_weight_decay_keywords`` of microsoft/Swin-Transformer).
-NO_DECAY_NAMES = ("relative_position_bias_table",)
-
-
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices (kernels and embeddings), not on biases (of any rank: a
-    fused q/k/v bias is ``[3, heads, head_dim]``), norm scales or ``NO_DECAY_NAMES``."""
-
-    def decays(path, p) -> bool:
-        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        name = names[-1] if names else ""
-        return jnp.ndim(p) >= 2 and name != "bias" and name not in NO_DECAY_NAMES
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+    """Weight decay on every parameter of rank >= 2, not on rank-1 ones (norm scales, plain
+    biases). Rank >= 2 includes kernels and embeddings, and also the attention layers'
+    per-head and fused q/k/v biases (``[heads, head_dim]``, ``[3, heads, head_dim]``) and
+    Swin's relative position bias tables, which HF, timm and the Swin reference leave out.
+    Leaving those out too was measured (README, "Fashion-MNIST Swin: the runs toward 92%"):
+    Swin's test accuracy stayed at 0.918 (three seeds), and the main job's default run went
+    from 2.392 to 2.440 test bits/char, above its 2.4 aim (the same code on one thread: 2.381,
+    so one run is this noisy). The mask stays as it is until the main job is measured over
+    seeds."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
 class ParamEmaState(NamedTuple):

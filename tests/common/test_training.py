@@ -2,7 +2,6 @@
 equals the big batch; schedules, the weight-decay mask and the parameter EMA follow their
 definitions."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,28 +105,15 @@ def test_schedules_follow_their_definitions():
 def test_weight_decay_mask_skips_biases_and_norms():
     params = {
         "dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
-        "qkv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones((3, 2, 4))},
-        "attn": {"relative_position_bias_table": jnp.ones((49, 2))},
         "ln": {"scale": jnp.ones(3)},
         "wte": {"embedding": jnp.ones((5, 3))},
     }
     mask = optim.decay_mask(params)
     assert mask == {
         "dense": {"kernel": True, "bias": False},
-        "qkv": {"kernel": True, "bias": False},
-        "attn": {"relative_position_bias_table": False},
         "ln": {"scale": False},
         "wte": {"embedding": True},
     }
-
-
-def test_weight_decay_mask_reads_the_names_inside_partitioned_boxes():
-    """Flax's logically partitioned params put each array inside a box: the name is the
-    dict key above it."""
-    bias = nn.Partitioned(jnp.ones((3, 2, 4)), names=(None, "heads", "kv"))
-    kernel = nn.Partitioned(jnp.ones((3, 8)), names=(None, None))
-    mask = optim.decay_mask({"qkv": {"bias": bias, "kernel": kernel}})
-    assert jax.tree.leaves(mask) == [False, True]
 
 
 def test_param_ema_follows_its_definition_and_leaves_the_updates_alone():
