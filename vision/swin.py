@@ -37,6 +37,12 @@ path only to the attention branch; we apply it to both branches as the paper and
 official code do (this only matters in training). (3) Masked logits are set to a large
 negative number rather than offset by -100 (the softmax weights differ by < 1e-40).
 
+Option outside the paper: ``stem_channels`` replaces the linear patch embedding by a
+convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"):
+``log2(patch_size)`` 3x3 convs of stride 2, each followed by LayerNorm and the activation,
+then a 1x1 conv to ``C`` and the patch LayerNorm. The token map and everything after it
+are unchanged. The presets and the default (``()``) keep the paper's patch embedding.
+
 ``return_features=True`` / ``method="features"`` gives the hierarchical feature maps of
 every stage (before patch merging; strides 4, 8, 16, 32 with ``C, 2C, 4C, 8C`` channels) for
 detection and segmentation heads. Images are channels-last ``[batch, height, width, C]``.
@@ -132,6 +138,23 @@ def merge_patches(x: Array) -> Array:
         x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     parts = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]
     return jnp.concatenate(parts, axis=-1)
+
+
+def conv(name: str, features: int, kernel: int, stride: int, padding: str, **kw: Any) -> nn.Conv:
+    """A ``kernel x kernel`` conv of this stride for ``[batch, H, W, c]`` maps (patch
+    embedding and stem), its output channels on the "embed" axis."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), (None, None, None, "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+        **kw,
+    )
 
 
 def stage_windows(height: int, width: int, window: int) -> tuple[int, int]:
@@ -325,6 +348,10 @@ class Swin(nn.Module):
     num_classes: int = 1000  # 0: no head, return the pooled features
     image_size: int = 224  # nominal resolution (FLOPs, examples); any size is accepted
     patch_size: int = 4
+    # () = the paper's patch partition + linear embedding (a p x p conv of stride p). Else
+    # the convolutional stem of the module docstring: one 3x3 conv of stride 2 ("SAME"
+    # padding) per entry, to that many channels; log2(patch_size) entries.
+    stem_channels: tuple[int, ...] = ()
     num_channels: int = 3
     embed_dim: int = 96  # C
     depths: tuple[int, ...] = (2, 2, 6, 2)
@@ -350,6 +377,15 @@ class Swin(nn.Module):
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if self.num_classes < 0:
             problems.append(f"num_classes={self.num_classes} must be >= 0")
+        if self.stem_channels:
+            if 2 ** len(self.stem_channels) != self.patch_size:
+                problems.append(
+                    f"stem_channels={tuple(self.stem_channels)} has {len(self.stem_channels)} "
+                    f"stride-2 convs, which make patches of {2 ** len(self.stem_channels)}, "
+                    f"not patch_size={self.patch_size}"
+                )
+            if any(c <= 0 for c in self.stem_channels):
+                problems.append(f"stem_channels={tuple(self.stem_channels)} must be positive")
         if len(self.depths) == 0 or any(dp <= 0 for dp in self.depths):
             problems.append(f"depths={tuple(self.depths)} must be non-empty and positive")
         if len(self.num_heads) != len(self.depths):
@@ -445,18 +481,12 @@ class Swin(nn.Module):
         x = images.astype(self.dtype)
         if height % p or width % p:  # zero-pad to whole patches, as the reference does
             x = jnp.pad(x, ((0, 0), (0, -height % p), (0, -width % p), (0, 0)))
-        x = nn.Conv(
-            self.embed_dim,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (None, None, None, "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="patch_embed",
-            **kw,
-        )(x)  # [batch, H/4, W/4, C]
+        for i, channels in enumerate(self.stem_channels):  # [batch, H/2^(i+1), W/2^(i+1), c]
+            x = conv(f"stem_conv_{i}", channels, 3, 2, "SAME", **kw)(x)
+            x = layer_norm(f"stem_norm_{i}", eps=self.layer_norm_eps, **kw)(x)
+            x = ACTIVATIONS[self.activation](x)
+        k = 1 if self.stem_channels else p
+        x = conv("patch_embed", self.embed_dim, k, k, "VALID", **kw)(x)  # [batch, H/4, W/4, C]
         x = layer_norm("patch_norm", eps=self.layer_norm_eps, **kw)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 

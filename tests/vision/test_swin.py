@@ -513,3 +513,29 @@ def test_merge_patches_is_inverted_by_depth_to_space():
     np.testing.assert_array_equal(back, x)
     per_window = swin.merge_patches(swin.window_partition(jnp.asarray(x), 2 * m))
     np.testing.assert_array_equal(swin.window_partition(jnp.asarray(merged), m), per_window)
+
+
+def test_convolutional_stem_equals_naive_convs():
+    """``stem_channels``: log2(patch) 3x3 stride-2 convs (XLA's "SAME": for even sides no
+    padding before, one row and column after), LayerNorm, GELU, then a 1x1 conv to C. The
+    first conv equals a loop over output pixels; the stage maps keep the patch grid."""
+    model = swin.from_preset("swin-toy", **SMALL, stem_channels=(4, 8))
+    x = np.random.default_rng(3).normal(size=(2, 24, 24, 3)).astype(np.float32)
+    params = _random_params(model.init, jnp.asarray(x), seed=2)
+    (_, feats), state = model.apply(
+        params, x, return_features=True, capture_intermediates=True, mutable=["intermediates"]
+    )
+    assert [f.shape for f in feats] == [(2, 6, 6, 16), (2, 3, 3, 32)]
+    conv0 = params["params"]["stem_conv_0"]
+    kernel, bias = np.asarray(conv0["kernel"]), np.asarray(conv0["bias"])  # [3, 3, 3, 4]
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    naive = np.zeros((2, 12, 12, 4), np.float32)
+    for i in range(12):
+        for j in range(12):
+            patch = padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3]  # [b, 3, 3, c]
+            naive[:, i, j] = np.einsum("bhwc,hwco->bo", patch, kernel) + bias
+    got = state["intermediates"]["stem_conv_0"]["__call__"][0]
+    np.testing.assert_allclose(got, naive, atol=1e-5, rtol=1e-5)
+    assert params["params"]["patch_embed"]["kernel"].shape == (1, 1, 8, 16)
+    with pytest.raises(ValueError, match=r"stem_channels=\(4,\) has 1 stride-2 convs.*"):
+        swin.from_preset("swin-toy", stem_channels=(4,))
