@@ -59,7 +59,7 @@ import numpy as np
 
 from common import presets
 from common.attention import IMPLEMENTATIONS, dot_product_attention
-from common.layers import ACTIVATIONS, MLP, StackedDense, layer_norm
+from common.layers import ACTIVATIONS, MLP, StackedDense, activation, layer_norm
 
 Array = jax.Array
 
@@ -484,7 +484,7 @@ class Swin(nn.Module):
         for i, channels in enumerate(self.stem_channels):  # [batch, H/2^(i+1), W/2^(i+1), c]
             x = conv(f"stem_conv_{i}", channels, 3, 2, "SAME", **kw)(x)
             x = layer_norm(f"stem_norm_{i}", eps=self.layer_norm_eps, **kw)(x)
-            x = ACTIVATIONS[self.activation](x)
+            x = activation(self.activation)(x)
         k = 1 if self.stem_channels else p
         x = conv("patch_embed", self.embed_dim, k, k, "VALID", **kw)(x)  # [batch, H/4, W/4, C]
         x = layer_norm("patch_norm", eps=self.layer_norm_eps, **kw)(x)
