@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from common import masks as masks_lib
 from common import sparse_attention
-from common.layers import StackedDense
+from common.layers import StackedDense, flat_dot_general
 
 Array = jax.Array
 IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
@@ -128,6 +128,7 @@ class MultiHeadAttention(nn.Module):
         dense = lambda features, name, axes: nn.DenseGeneral(
             features,
             use_bias=self.use_bias,
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, axes),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
             dtype=self.dtype,
@@ -184,6 +185,7 @@ class MultiHeadAttention(nn.Module):
         out = nn.DenseGeneral(
             x.shape[-1],
             axis=(-2, -1),
+            dot_general=flat_dot_general,
             use_bias=self.use_bias,
             kernel_init=nn.with_logical_partitioning(
                 self.out_kernel_init, ("heads", "kv", "embed")

@@ -27,6 +27,44 @@ def activation(name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
+def flat_dot_general(
+    lhs: Array,
+    rhs: Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """``jax.lax.dot_general`` for projections, with the leading axes of ``lhs`` flattened.
+
+    A projection ``x [..., *in] . kernel [*in, *out]`` (the last axes of ``x`` against the
+    first of the kernel, no batch axes) is computed as one 2-D matmul ``[n, in] . [in, out]``
+    and reshaped back; any other contraction goes to ``dot_general`` unchanged. Same values.
+    Why: the kernel's gradient contracts over every leading axis; kept apart (``[batch, len,
+    in]``), XLA CPU lowers that contraction to a transposed copy of the output gradient and
+    a dot with both operands transposed, 28 GFLOP/s against 79 for the flattened one on one
+    core (``[16384, 64]^T [16384, 128]``). Flattened, one GPT-2 train step of
+    ``benchmarks/gpt.py`` takes 8% less time. Pass it as ``dot_general=`` to ``nn.Dense`` /
+    ``nn.DenseGeneral``.
+    """
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+    n = len(lhs_c)
+    lead = lhs.shape[: lhs.ndim - n]
+    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+    if (
+        lhs_b
+        or rhs_b
+        or tuple(lhs_c) != tuple(range(lhs.ndim - n, lhs.ndim))
+        or tuple(rhs_c) != tuple(range(n))
+        or len(lead) <= 1
+    ):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, **kw)
+    k = math.prod(rhs.shape[:n])
+    y = jax.lax.dot_general(
+        lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())), **kw
+    )  # [prod(lead), prod(out)]
+    return y.reshape(*lead, *rhs.shape[n:])
+
+
 def dense(
     features: int,
     axes: tuple[str | None, str | None],
@@ -41,6 +79,7 @@ def dense(
     return nn.Dense(
         features,
         use_bias=use_bias,
+        dot_general=flat_dot_general,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
         dtype=dtype,
@@ -127,6 +166,6 @@ class StackedDense(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         outs = []
         for i in range(self.num):
-            y = jax.lax.dot_general(x, kernel[:, i], (((x.ndim - 1,), (0,)), ((), ())))
+            y = flat_dot_general(x, kernel[:, i], (((x.ndim - 1,), (0,)), ((), ())))
             outs.append(y if bias is None else y + bias[i])
         return tuple(outs)

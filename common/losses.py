@@ -34,7 +34,6 @@ def cross_entropy(
     return jnp.sum(loss * weights), jnp.sum(weights)
 
 
-@jax.custom_vjp
 def projected_cross_entropy(
     x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -48,17 +47,24 @@ def projected_cross_entropy(
     backward pass rebuilds ``softmax - onehot`` from the saved logits and their logsumexp in
     one fusion and contracts it over tokens directly (``dw = (x^T g)^T``, a ``[d, vocab]``
     transpose instead of a ``[tokens, vocab]`` one): two vocab-sized buffers. Logits are
-    accumulated in float32 whatever the dtype of ``x`` and ``w``.
+    accumulated in float32 whatever the dtype of ``x`` and ``w``. The token axes are
+    flattened first (see ``common.layers.flat_dot_general`` for why).
     """
+    d = x.shape[-1]
+    return _projected_ce(x.reshape(-1, d), w, targets.reshape(-1), weights.reshape(-1))
+
+
+@jax.custom_vjp
+def _projected_ce(x, w, targets, weights):  # x [tokens, d], targets and weights [tokens]
     return _projected_ce_fwd(x, w, targets, weights)[0]
 
 
 def _projected_logits(x, w):
-    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("nd,vd->nv", x, w, preferred_element_type=jnp.float32)
 
 
 def _projected_ce_fwd(x, w, targets, weights):
-    logits = _projected_logits(x, w)  # [..., vocab] float32
+    logits = _projected_logits(x, w)  # [tokens, vocab] float32
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)
@@ -72,9 +78,9 @@ def _projected_ce_bwd(res, g):
     onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
     scale = (weights * g_total)[..., None]
     g_logits = ((jnp.exp(logits - logz[..., None]) - onehot) * scale).astype(x.dtype)
-    dx = jnp.einsum("...v,vd->...d", g_logits, w.astype(x.dtype)).astype(x.dtype)
-    dw = jnp.einsum("...d,...v->dv", x, g_logits).T.astype(w.dtype)
+    dx = jnp.einsum("nv,vd->nd", g_logits, w.astype(x.dtype)).astype(x.dtype)
+    dw = jnp.einsum("nd,nv->dv", x, g_logits).T.astype(w.dtype)
     return dx, dw, None, jnp.zeros_like(weights)
 
 
-projected_cross_entropy.defvjp(_projected_ce_fwd, _projected_ce_bwd)
+_projected_ce.defvjp(_projected_ce_fwd, _projected_ce_bwd)

@@ -43,7 +43,7 @@ import numpy as np
 from common import presets
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
-from common.layers import StackedDense, layer_norm
+from common.layers import StackedDense, flat_dot_general, layer_norm
 from common.positional import sinusoidal_table
 from nlp.sparse_transformer import REMAT_POLICIES, remat_block
 
@@ -111,6 +111,7 @@ class LongAttention(nn.Module):
         return nn.DenseGeneral(
             d_model,
             axis=(-2, -1),
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.normal(self.out_init_std), ("heads", "kv", "embed")
             ),

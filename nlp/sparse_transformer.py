@@ -50,7 +50,7 @@ import numpy as np
 from common import presets, splash_attention
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
-from common.layers import MLP, StackedDense, layer_norm
+from common.layers import MLP, StackedDense, flat_dot_general, layer_norm
 from common.losses import cross_entropy
 
 Array = jax.Array
@@ -165,6 +165,7 @@ class SparseSelfAttention(nn.Module):
         return nn.DenseGeneral(
             d_model,
             axis=(-2, -1),
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.normal(self.out_init_std), ("heads", "kv", "embed")
             ),

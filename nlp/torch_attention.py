@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import convert
-from common.layers import activation
+from common.layers import activation, flat_dot_general
 
 Array = jax.Array
 Init = Callable[..., Any]
@@ -279,6 +279,7 @@ class TorchMultiheadAttention(nn.Module):
                 return nn.Dense(
                     E,
                     use_bias=self.bias,
+                    dot_general=flat_dot_general,
                     kernel_init=nn.with_logical_partitioning(_xavier_2d, axes),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                     name=name,
@@ -330,6 +331,7 @@ class TorchMultiheadAttention(nn.Module):
         out = nn.Dense(
             E,
             use_bias=self.bias,
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(out_init, ("heads", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out_proj",
@@ -366,7 +368,9 @@ class _PackedInProjection(nn.Module):
             self.param_dtype,
         )
         kernel = jnp.asarray(kernel)[:, start * E : stop * E].astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)  # [..., parts * E]
+        y = flat_dot_general(
+            x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ()))
+        )  # [..., parts*E]
         if self.use_bias:
             b = self.param(
                 "bias",
@@ -413,6 +417,7 @@ class _LayerParts(nn.Module):
         return nn.Dense(
             features,
             use_bias=self.bias,
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(
                 _xavier_2d if self.xavier_init else init, axes
             ),

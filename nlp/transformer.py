@@ -46,7 +46,7 @@ import numpy as np
 
 from common import masks, presets
 from common.attention import IMPLEMENTATIONS, dot_product_attention
-from common.layers import ACTIVATIONS, MLP, layer_norm
+from common.layers import ACTIVATIONS, MLP, flat_dot_general, layer_norm
 from common.losses import cross_entropy
 from common.positional import sinusoidal_table
 
@@ -76,6 +76,7 @@ class Attention(nn.Module):
         def proj(name):
             return nn.DenseGeneral(
                 (h, d),
+                dot_general=flat_dot_general,
                 kernel_init=nn.with_logical_partitioning(_XAVIER, ("embed", "heads", "kv")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
                 dtype=self.dtype,
@@ -87,6 +88,7 @@ class Attention(nn.Module):
         self.out = nn.DenseGeneral(
             self.d_model,
             axis=(-2, -1),
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(_XAVIER, ("heads", "kv", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             dtype=self.dtype,

@@ -59,7 +59,14 @@ import numpy as np
 
 from common import presets
 from common.attention import IMPLEMENTATIONS, dot_product_attention
-from common.layers import ACTIVATIONS, MLP, StackedDense, activation, layer_norm
+from common.layers import (
+    ACTIVATIONS,
+    MLP,
+    StackedDense,
+    activation,
+    flat_dot_general,
+    layer_norm,
+)
 
 Array = jax.Array
 
@@ -240,6 +247,7 @@ class WindowAttention(nn.Module):
         return nn.DenseGeneral(
             dim,
             axis=(-2, -1),
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.truncated_normal(0.02), ("heads", "kv", "embed")
             ),
@@ -328,6 +336,7 @@ class PatchMerging(nn.Module):
         return nn.Dense(
             2 * c,
             use_bias=False,
+            dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.truncated_normal(0.02), (None, "embed")
             ),
