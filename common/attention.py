@@ -4,8 +4,11 @@ Layout everywhere is ``[batch, length, heads, head_dim]`` (the layout of
 ``jax.nn.dot_product_attention``). Softmax always runs in float32.
 
 ``implementation`` picks the kernel:
-  * ``None``: ``jax.nn.dot_product_attention`` chooses (cuDNN flash attention on GPUs when
-    the shapes and dtype allow it, XLA otherwise);
+  * ``None``: ``auto_implementation`` picks: cuDNN's fused (flash) attention on a GPU when the
+    call is one it takes (bfloat16/float16, no explicit mask or bias), XLA otherwise.
+    ``jax.nn.dot_product_attention``'s own ``None`` means XLA everywhere (its cuDNN
+    auto-selection is a TODO), which on an H200 ran a GPT-2 attention layer 6-12x slower than
+    cuDNN (``benchmarks/gpu.py``);
   * ``"xla"`` / ``"cudnn"``: forwarded to ``jax.nn.dot_product_attention``;
   * ``"einsum"``: the reference written out below (also the only path that supports dropout
     on the attention weights, which the fused kernels do not).
@@ -58,6 +61,36 @@ def einsum_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # [b, q, h, d]
 
 
+def auto_implementation(
+    q: Array,
+    k: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    backend: str | None = None,
+) -> str:
+    """The kernel ``implementation=None`` runs: ``"cudnn"`` or ``"xla"``.
+
+    cuDNN only on a GPU (``backend``, default ``jax.default_backend()``), for half-precision
+    q and k of one dtype, a head size that is a multiple of 8 up to 256, and no explicit
+    ``mask`` or ``bias``: cuDNN wants those as full ``[.., q_len, kv_len]`` arrays, so a
+    ``[b, 1, 1, k]`` padding mask would be materialised per query (causal masking is
+    ``is_causal`` and costs nothing). Everything else goes to XLA.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if (
+        backend == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and k.dtype == q.dtype
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and mask is None
+        and bias is None
+    ):
+        return "cudnn"
+    return "xla"
+
+
 def dot_product_attention(
     q: Array,
     k: Array,
@@ -88,9 +121,17 @@ def dot_product_attention(
         )
     if mask is not None:
         mask = jnp.broadcast_to(mask, mask.shape[:1] + (q.shape[2],) + mask.shape[2:])
-    return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=mask, is_causal=is_causal, implementation=implementation
+    call = lambda impl: jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, is_causal=is_causal, implementation=impl
     )
+    if implementation is not None:
+        return call(implementation)
+    if auto_implementation(q, k, mask=mask, bias=bias) == "cudnn":
+        try:  # JAX checks what cuDNN supports when it traces the call, not when it runs
+            return call("cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # e.g. no cuDNN, or a GPU or layout this cuDNN does not take: use XLA
+    return call("xla")
 
 
 class MultiHeadAttention(nn.Module):

@@ -1,0 +1,88 @@
+"""The attention core: every implementation against the einsum definition, and the choice
+``implementation=None`` makes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import attention as attn
+
+
+def _qkv(dtype=jnp.float32, b=2, n=24, h=3, d=16):
+    rng = np.random.default_rng(0)
+    return [jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in "qkv"]
+
+
+@pytest.mark.parametrize("implementation", [None, "xla", "einsum"])
+@pytest.mark.parametrize("masking", ["causal", "padding", "none"])
+def test_implementations_equal_definition(implementation, masking):
+    q, k, v = _qkv()
+    n = q.shape[1]
+    mask, is_causal = None, masking == "causal"
+    if masking == "padding":  # row b keeps its first n - 5 b keys: [b, 1, 1, k]
+        keep = n - 5 * jnp.arange(q.shape[0])
+        mask = (jnp.arange(n)[None, :] < keep[:, None])[:, None, None, :]
+    # The definition: softmax(q k^T / sqrt(d) masked) v, written out in numpy (float64).
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(q.shape[-1])
+    allowed = np.ones(scores.shape, bool)
+    if is_causal:
+        allowed &= np.tril(np.ones((n, n), bool))
+    if mask is not None:
+        allowed &= np.asarray(mask)
+    scores = np.where(allowed, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", weights, vn)
+
+    out = attn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
+    )
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_auto_implementation_picks_cudnn_only_where_it_applies():
+    q, k, _ = _qkv(jnp.bfloat16)
+    pick = lambda q, k, backend="gpu", **kw: attn.auto_implementation(q, k, backend=backend, **kw)
+    assert pick(q, k) == "cudnn"  # GPU, bf16, no explicit mask: the fused kernel
+    assert pick(q.astype(jnp.float16), k.astype(jnp.float16)) == "cudnn"
+    assert pick(q, k, backend="cpu") == "xla"
+    assert pick(q, k, backend="tpu") == "xla"
+    assert pick(q.astype(jnp.float32), k.astype(jnp.float32)) == "xla"  # cuDNN: half only
+    assert pick(q, k.astype(jnp.float16)) == "xla"  # mixed dtypes
+    assert pick(q, k, mask=jnp.ones((2, 1, 1, 24), bool)) == "xla"  # would be materialised
+    assert pick(q, k, bias=jnp.zeros((1, 3, 24, 24), jnp.bfloat16)) == "xla"
+    q12, k12, _ = _qkv(jnp.bfloat16, d=12)
+    assert pick(q12, k12) == "xla"  # head size not a multiple of 8
+    assert attn.auto_implementation(q, k) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+
+
+def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+    """On a GPU whose cuDNN refuses the call at trace time, ``None`` still runs (XLA)."""
+    q, k, v = _qkv(jnp.bfloat16)
+    monkeypatch.setattr(attn, "auto_implementation", lambda *a, **kw: "cudnn")
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def fake(*args, implementation=None, **kw):
+        calls.append(implementation)
+        if implementation == "cudnn":
+            raise RuntimeError("cuDNN is not detected.")
+        return real(*args, implementation=implementation, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    out = attn.dot_product_attention(q, k, v, is_causal=True)
+    assert calls == ["cudnn", "xla"]
+    ref = attn.dot_product_attention(q, k, v, is_causal=True, implementation="einsum")
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2
+    )
+
+
+def test_unknown_implementation_is_named():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="flash"):
+        attn.dot_product_attention(q, k, v, implementation="flash")
