@@ -55,6 +55,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -115,11 +116,15 @@ def hf_model(cfg: Config, seed: int) -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(cfg.hf())
 
 
-def ours_from_hf(hf: transformers.GPT2LMHeadModel, attention_impl: str | None):
-    """Our ``GPT`` with the HF model's config and (converted) weights."""
-    model = gpt.GPT(**{**gpt_config_from_hf(hf.config), "attention_impl": attention_impl})
+def ours_from_hf(
+    hf: transformers.GPT2LMHeadModel, attention_impl: str | None, dtype: Any = jnp.float32
+):
+    """Our ``GPT`` with the HF model's config and (converted) weights; ``dtype``: compute."""
+    model = gpt.GPT(
+        **{**gpt_config_from_hf(hf.config), "attention_impl": attention_impl, "dtype": dtype}
+    )
     # Copies: torch later updates its tensors in place, and jax may alias host numpy buffers.
-    state_dict = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    state_dict = {k: v.detach().cpu().numpy().copy() for k, v in hf.state_dict().items()}
     return model, gpt2_params_from_torch(state_dict, model)["params"]
 
 
@@ -164,13 +169,21 @@ def torch_matmul_peak(n: int, repeats: int = 3) -> float:
 
 
 def build_ours_train(
-    hf: transformers.GPT2LMHeadModel, batch_np: dict[str, np.ndarray], attention_impl: str | None
+    hf: transformers.GPT2LMHeadModel,
+    batch_np: dict[str, np.ndarray],
+    attention_impl: str | None,
+    cfg: Config = TRAIN,
+    dtype: Any = jnp.float32,
 ):
-    """(run(n) -> last loss, flops per step): the train step as ``common.training.train``."""
-    model, params = ours_from_hf(hf, attention_impl)
+    """(run(n) -> last loss, flops per step): the train step as ``common.training.train``.
+
+    ``cfg`` must be the config ``hf`` was built from; ``dtype``: compute dtype (the
+    parameters and the optimizer state stay float32)."""
+    model, params = ours_from_hf(hf, attention_impl, dtype)
+    batch_size, seq_len = batch_np["inputs"].shape
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     tx, schedule = optim.adamw(optim.default_config(total_steps=100_000))
-    init_fn = lambda rng: model.init(rng, jnp.zeros((1, SEQ_LEN), jnp.int32))
+    init_fn = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
     state, shardings = training.create_state(init_fn, tx, mesh, jax.random.key(0))
     params = jax.device_put(params, shardings.params)  # HF's weights in place of ours
     state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
@@ -188,7 +201,7 @@ def build_ours_train(
     batch = sharding.put_batch(batch_np, mesh)
     rng = jax.device_put(jax.random.key(1), replicated)
     holder = {"state": state}
-    flops_per_step = palm_flops_per_step(params, TRAIN, SEQ_LEN, BATCH * SEQ_LEN)
+    flops_per_step = palm_flops_per_step(params, cfg, seq_len, batch_size * seq_len)
 
     def run(n: int) -> float:
         state = holder["state"]
@@ -198,13 +211,23 @@ def build_ours_train(
         holder["state"] = state
         return float(metrics["loss"])
 
-    run.compiles = step._cache_size  # must stay 1: no recompilation inside the timings
+    run.compiles = getattr(
+        step, "_cache_size", lambda: 1
+    )  # must stay 1: no recompilation inside the timings
+    run.lower = lambda: step.lower(holder["state"], batch, rng)  # for inspecting the HLO
     return run, flops_per_step
 
 
-def build_torch_train(hf: transformers.GPT2LMHeadModel, batch_np: dict[str, np.ndarray]):
-    """run(n) -> last loss: HF GPT-2 + torch AdamW with our optimizer's hyperparameters."""
+def build_torch_train(
+    hf: transformers.GPT2LMHeadModel,
+    batch_np: dict[str, np.ndarray],
+    autocast: torch.dtype | None = None,
+):
+    """run(n) -> last loss: HF GPT-2 + torch AdamW with our optimizer's hyperparameters, on
+    the device ``hf`` is on (fused AdamW there on CUDA); ``autocast``: mixed-precision
+    compute dtype (float32 parameters), as ``torch.autocast``."""
     hf.train()
+    device = next(hf.parameters()).device
     c = optim.default_config()
     decay = [p for p in hf.parameters() if p.ndim >= 2]  # our decay mask: matrices only
     no_decay = [p for p in hf.parameters() if p.ndim < 2]
@@ -216,20 +239,22 @@ def build_torch_train(hf: transformers.GPT2LMHeadModel, batch_np: dict[str, np.n
         lr=c.lr,
         betas=(c.b1, c.b2),
         eps=c.eps,
+        fused=device.type == "cuda",
     )
-    x = torch.from_numpy(batch_np["inputs"]).long()
-    y = torch.from_numpy(batch_np["targets"]).long()
+    x = torch.from_numpy(batch_np["inputs"]).long().to(device)
+    y = torch.from_numpy(batch_np["targets"]).long().to(device)
     vocab = hf.config.vocab_size
 
     def run(n: int) -> float:
         for _ in range(n):
-            logits = hf(input_ids=x).logits  # float32 [batch, len, vocab]
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), y.view(-1))
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits = hf(input_ids=x).logits  # [batch, len, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), y.view(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), c.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return run
 

@@ -46,6 +46,7 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -87,13 +88,18 @@ def hf_swin_t() -> transformers.SwinForImageClassification:
 
 
 def build_ours_train(
-    hf, images_nhwc: np.ndarray, labels: np.ndarray, attention_impl: str | None = None
+    hf,
+    images_nhwc: np.ndarray,
+    labels: np.ndarray,
+    attention_impl: str | None = None,
+    dtype: Any = jnp.float32,
 ):
-    """``run(n) -> last loss``: our train step exactly as ``common.training.train`` runs it."""
-    model = swin.Swin(**swin_config_from_hf(hf.config), attention_impl=attention_impl)
+    """``run(n) -> last loss``: our train step exactly as ``common.training.train`` runs it;
+    ``dtype``: compute dtype (parameters and optimizer state stay float32)."""
+    model = swin.Swin(**swin_config_from_hf(hf.config), attention_impl=attention_impl, dtype=dtype)
     assert model.drop_path_rate == 0.0 and model.window_size == 7 and model.embed_dim == 96
     # Copies: torch later updates its tensors in place, and jax may alias host numpy buffers.
-    state_dict = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    state_dict = {k: v.detach().cpu().numpy().copy() for k, v in hf.state_dict().items()}
     params = swin_params_from_torch(state_dict, model)["params"]
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     tx, schedule = optim.adamw(optim.default_config(total_steps=100_000))
@@ -131,14 +137,20 @@ def build_ours_train(
         holder["state"] = state
         return float(metrics["loss"])
 
-    run.compiles = step._cache_size  # must stay 1: no recompilation inside the timings
+    run.compiles = getattr(
+        step, "_cache_size", lambda: 1
+    )  # must stay 1: no recompilation inside the timings
     return run
 
 
-def build_torch_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
+def build_torch_train(
+    hf, images_nhwc: np.ndarray, labels: np.ndarray, autocast: torch.dtype | None = None
+):
     """``run(n, threads=THREADS) -> last loss``: HF Swin-T + torch AdamW with our
-    optimizer's settings, on ``threads`` intra-op threads."""
+    optimizer's settings, on ``threads`` intra-op threads, on the device ``hf`` is on (fused
+    AdamW there on CUDA); ``autocast``: mixed-precision compute dtype, as ``torch.autocast``."""
     hf.train()
+    device = next(hf.parameters()).device
     c = optim.default_config()
     decay = [p for p in hf.parameters() if p.ndim >= 2]  # our decay mask: matrices only
     no_decay = [p for p in hf.parameters() if p.ndim < 2]
@@ -150,15 +162,17 @@ def build_torch_train(hf, images_nhwc: np.ndarray, labels: np.ndarray):
         lr=c.lr,
         betas=(c.b1, c.b2),
         eps=c.eps,
+        fused=device.type == "cuda",
     )
-    x = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())  # NCHW
-    y = torch.from_numpy(labels).long()
+    x = torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy()).to(device)  # NCHW
+    y = torch.from_numpy(labels).long().to(device)
 
     def run(n: int, threads: int = THREADS) -> float:
         torch.set_num_threads(threads)
         for _ in range(n):
-            logits = hf(pixel_values=x).logits  # float32 [batch, 1000]
-            loss = torch.nn.functional.cross_entropy(logits, y)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits = hf(pixel_values=x).logits  # [batch, 1000]
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), c.grad_clip)
             opt.step()
