@@ -14,7 +14,8 @@ goes on. All compute is bfloat16 with float32 parameters and softmax.
   whether the compiled program calls cuDNN's fused attention, time, model TFLOP/s (causal:
   half the score matrix), and the largest error of the output and of ``dq, dk, dv`` against
   a float32 einsum on the same inputs. Then the same with a key-padding mask (what the
-  encoder-decoder and BERT pass).
+  encoder-decoder and BERT pass), and that padding given to JAX as ``key_value_seq_lengths``
+  (``xla+lengths``, ``cudnn+lengths``: the form cuDNN takes padding in).
 * ``sparse``: ``common.sparse_attention``'s ``local``, ``strided``, ``fixed`` and
   ``compressed`` (the configs of ``benchmarks.sparse_attention``) against dense causal
   attention (cuDNN) at n = 16k and 64k, batch 1, 8 heads x 64: forward+backward time.
@@ -100,10 +101,22 @@ def section_peak(quick: bool) -> dict:
     return {"bf16_peak_tflops": peak / 1e12}
 
 
-def _attention_case(n, batch, impl, mask, reference, args, peak):
-    fn = lambda q, k, v: attn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=mask is None, implementation=impl
-    )
+def _attention_case(n, batch, impl, mask, reference, args, peak, lengths=None):
+    """One row; ``impl`` ``"<xla|cudnn>+lengths"``: JAX's own call with the padding given as
+    ``key_value_seq_lengths=lengths`` instead of a mask (what cuDNN takes for padding)."""
+    if impl.endswith("+lengths"):
+        fn = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, key_value_seq_lengths=lengths, implementation=impl.split("+")[0]
+        )
+    else:
+        fn = lambda q, k, v: attn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=mask is None,
+            implementation=None if impl == "auto" else impl,
+        )
     step = forward_backward(fn).lower(*args).compile()
     fused = uses_cudnn_attention(step)
     t = timed(step, *args)
@@ -115,7 +128,7 @@ def _attention_case(n, batch, impl, mask, reference, args, peak):
     # Model FLOPs of attention: QK^T and PV, 2 n^2 d each per head, x3 for the backward
     # (two matmuls per product); causal halves them.
     flops = 3 * 4 * batch * ATTN_HEADS * n * n * ATTN_DIM * (0.5 if mask is None else 1.0)
-    name = "None (auto)" if impl is None else impl
+    name = "None (auto)" if impl == "auto" else impl
     rel = " ".join(f"{e / s:.1e}" for e, s in zip(errors, scale, strict=True))
     tflops = flops / t / 1e12
     mfu = f"{tflops * 1e12 / peak:.2f}" if peak else "-"
@@ -152,7 +165,10 @@ def section_attention(quick: bool, peak: float | None) -> dict:
                 reference = forward_backward(ref_fn)(*(a.astype(jnp.float32) for a in args))
             else:  # the float32 reference would not fit: compare against bf16 cuDNN at 4k
                 reference = None
-            for impl in (None, "cudnn", "xla", "einsum"):
+            impls = ["auto", "cudnn", "xla", "einsum"]
+            if kind == "padding":
+                impls += ["xla+lengths", "cudnn+lengths"]
+            for impl in impls:
                 if impl in ("xla", "einsum") and n > MATERIALISED_UP_TO:
                     continue
                 try:
@@ -164,7 +180,9 @@ def section_attention(quick: bool, peak: float | None) -> dict:
                             )
                         )
                         ref = [r.astype(jnp.float32) for r in step(*args)]
-                    fused, t, err = _attention_case(n, batch, impl, mask, ref, args, peak)
+                    fused, t, err = _attention_case(
+                        n, batch, impl, mask, ref, args, peak, lengths=keep
+                    )
                     out[(n, kind, impl)] = dict(fused=fused, time=t, err=err)
                 except Exception as e:  # noqa: BLE001 - report and go on (e.g. no cuDNN)
                     print(
@@ -172,7 +190,7 @@ def section_attention(quick: bool, peak: float | None) -> dict:
                         f"{str(e).splitlines()[0][:150]} |",
                         flush=True,
                     )
-    default = out.get((lengths[0], "causal", None))
+    default = out.get((lengths[0], "causal", "auto"))
     return {"attention_fused": int(bool(default and default["fused"]))}
 
 

@@ -10,7 +10,7 @@ Transformers"): a decoder-only Transformer whose attention scores only a factori
   the position inside it, ``W_block[i // l] + W_inner[i % l]`` (``l = position_block``,
   default the attention stride); images (``positions="image"``, a raster of
   ``image_shape = (rows, cols, channels)`` bytes): ``W_row[r] + W_col[c] + W_channel[ch]``.
-* Section 4.3 / 5: ``attention`` is ``"dense"`` (causal, ``jax.nn.dot_product_attention``),
+* Section 4.3 / 5: ``attention`` is ``"dense"`` (causal, ``common.attention``: cuDNN on GPU),
   ``"strided"`` or ``"fixed"`` (``common.sparse_attention``, which scores only the blocks
   of the pattern); ``mode`` integrates the two parts A and B of a factorized pattern as the
   paper's three ways: ``"interleaved"`` (even blocks A, odd blocks B), ``"merged"`` (every
