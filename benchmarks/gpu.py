@@ -235,12 +235,23 @@ def section_sparse(quick: bool) -> dict:
     return {k: v for k, v in out.items() if k.startswith("fixed")}
 
 
-def _alternate_torch_cuda(sides, rounds, steps):
-    """``benchmarks.harness.alternate`` with the CUDA queue drained around every side (each
-    side's ``run`` ends by reading its loss, which waits for its own device work)."""
+def _race(ours, theirs, quick: bool) -> tuple[float, float]:
+    """Median step seconds ``(ours, torch)``: one first step each (ours compiles there), then
+    ``benchmarks.harness.alternate`` rounds with the CUDA queue drained before every side
+    (each side's ``run`` ends by reading its loss, which waits for its own device work)."""
     import torch
 
     from benchmarks.harness import alternate
+
+    t = time.perf_counter()
+    loss_ours = ours(1)
+    compile_s = time.perf_counter() - t
+    loss_torch = theirs(1)
+    print(
+        f"first-step loss (same weights, same batch): ours {loss_ours:.4f}, torch "
+        f"{loss_torch:.4f}; ours compile+step {compile_s:.1f}s",
+        flush=True,
+    )
 
     def drained(run):
         def go(n):
@@ -250,7 +261,10 @@ def _alternate_torch_cuda(sides, rounds, steps):
 
         return go
 
-    return alternate({k: drained(v) for k, v in sides.items()}, rounds, steps)[0]
+    sides = {"ours": drained(ours), "torch": drained(theirs)}
+    times = alternate(sides, 2 if quick else 5, 2 if quick else 10)[0]
+    assert ours.compiles() == 1, f"our train step compiled {ours.compiles()} times"
+    return statistics.median(times["ours"]), statistics.median(times["torch"])
 
 
 def section_gpt(quick: bool, peak: float | None) -> dict:
@@ -272,20 +286,12 @@ def section_gpt(quick: bool, peak: float | None) -> dict:
     ours, flops_per_step = bgpt.build_ours_train(hf, batch_np, None, cfg, jnp.bfloat16)
     hf = hf.to("cuda" if torch.cuda.is_available() else "cpu")
     theirs = bgpt.build_torch_train(hf, batch_np, autocast=torch.bfloat16)
-    t = time.perf_counter()
-    loss_ours = ours(1)
-    compile_s = time.perf_counter() - t
-    loss_torch = theirs(1)
     print(
-        f"GPT-2 L={cfg.num_layers} d={cfg.d_model} T={seq_len} B={batch}: first-step loss ours "
-        f"{loss_ours:.4f}, torch {loss_torch:.4f}; ours compile+step {compile_s:.1f}s; our "
-        f"step calls cuDNN fused attention: {uses_cudnn_attention(ours.lower())}",
+        f"GPT-2 L={cfg.num_layers} d={cfg.d_model} T={seq_len} B={batch}: our step calls "
+        f"cuDNN fused attention: {uses_cudnn_attention(ours.lower())}",
         flush=True,
     )
-    steps = 2 if quick else 10
-    times = _alternate_torch_cuda({"ours": ours, "torch": theirs}, 2 if quick else 5, steps)
-    assert ours.compiles() == 1, f"our train step compiled {ours.compiles()} times"
-    step_ours, step_torch = (statistics.median(times[k]) for k in ("ours", "torch"))
+    step_ours, step_torch = _race(ours, theirs, quick)
     # The process's peak so far: this section runs right after ``peak`` (three 128 MiB arrays).
     mem = jax.devices()[0].memory_stats() or {}
     jax_peak_mem = mem.get("peak_bytes_in_use", 0)
@@ -329,18 +335,8 @@ def section_swin(quick: bool) -> dict:
     ours = bswin.build_ours_train(hf, images, labels, None, jnp.bfloat16)
     hf = hf.to("cuda" if torch.cuda.is_available() else "cpu")
     theirs = bswin.build_torch_train(hf, images, labels, autocast=torch.bfloat16)
-    t = time.perf_counter()
-    loss_ours = ours(1)
-    compile_s = time.perf_counter() - t
-    loss_torch = theirs(1)
-    print(
-        f"Swin-T {res}px batch {batch}: first-step loss ours {loss_ours:.4f}, torch "
-        f"{loss_torch:.4f}; ours compile+step {compile_s:.1f}s",
-        flush=True,
-    )
-    steps = 2 if quick else 10
-    times = _alternate_torch_cuda({"ours": ours, "torch": theirs}, 2 if quick else 5, steps)
-    step_ours, step_torch = (statistics.median(times[k]) for k in ("ours", "torch"))
+    print(f"Swin-T {res}px batch {batch}", flush=True)
+    step_ours, step_torch = _race(ours, theirs, quick)
     print(
         f"| Swin-T train step (bf16) | ours | torch | ours / torch |\n|---|---|---|---|\n"
         f"| median step ms | {step_ours * 1e3:.1f} | {step_torch * 1e3:.1f} | "
