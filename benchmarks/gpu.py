@@ -18,7 +18,9 @@ goes on. All compute is bfloat16 with float32 parameters and softmax.
   (``xla+lengths``, ``cudnn+lengths``: the form cuDNN takes padding in).
 * ``sparse``: ``common.sparse_attention``'s ``local``, ``strided``, ``fixed`` and
   ``compressed`` (the configs of ``benchmarks.sparse_attention``) against dense causal
-  attention (cuDNN) at n = 16k and 64k, batch 1, 8 heads x 64: forward+backward time.
+  attention (cuDNN) at n = 16k and 64k, batch 1, 8 heads x 64: forward+backward time; and
+  GPT-3's causal band of 256 tokens, blockwise (``banded_attention``) and as
+  ``common.attention`` runs it by default (cuDNN's sliding window when it picks cuDNN).
 * ``gpt``: the GPT-2 small train step (124M, T=1024, batch 16, AdamW, clip 1.0), ours
   (``common.training.make_train_step``, bf16 compute) against Hugging Face
   ``GPT2LMHeadModel`` with ``torch.autocast(bfloat16)``, SDPA attention and fused AdamW, eager,
@@ -42,6 +44,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -52,12 +55,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import attention as attn  # noqa: E402
+from common import sparse_attention  # noqa: E402
 
 SECTIONS = ("peak", "gpt", "attention", "sparse", "swin")
 ATTN_HEADS, ATTN_DIM, ATTN_TOKENS = 12, 64, 32768  # per call: batch = tokens / length
 ATTN_LENGTHS = (1024, 4096, 16384)
 MATERIALISED_UP_TO = 4096  # "xla" and "einsum" hold [b, h, n, n] scores: not beyond this
 SPARSE_LENGTHS = (16384, 65536)
+BAND = 256  # GPT-3's banded layers: nlp.gpt's default local_window
 
 
 def timed(fn, *args, repeats: int = 10) -> float:
@@ -212,15 +217,22 @@ def section_sparse(quick: bool) -> dict:
         shape = (bsa.BATCH, n, bsa.HEADS, bsa.HEAD_DIM)
         args = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(4)]
         dense_t = None
-        for name, fn in bsa.variants(n, weights).items():
-            if name.startswith("masked"):
-                continue
+        fns = {k: f for k, f in bsa.variants(n, weights).items() if not k.startswith("masked")}
+        # GPT-3's band (nlp.gpt's default width): blockwise, and as common.attention runs it
+        # by default (cuDNN's sliding window where auto_implementation picks cuDNN).
+        fns[f"band {BAND} blockwise"] = functools.partial(
+            sparse_attention.banded_attention, window=BAND
+        )
+        fns[f"band {BAND} auto"] = functools.partial(attn.dot_product_attention, local_window=BAND)
+        for name, fn in fns.items():
             try:
                 step = forward_backward(fn).lower(*args).compile()
                 temp = step.memory_analysis().temp_size_in_bytes
                 t = timed(step, *args, repeats=5)
                 dense_t = t if name == "dense" else dense_t
                 speed = f"{dense_t / t:.2f}x" if dense_t else "-"
+                if name.endswith("auto"):
+                    name += " (cuDNN)" if uses_cudnn_attention(step) else " (no cuDNN)"
                 print(
                     f"| {n} | {name} | {t * 1e3:.2f} | {speed} | {temp / 2**20:.0f} |", flush=True
                 )

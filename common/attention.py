@@ -12,6 +12,11 @@ Layout everywhere is ``[batch, length, heads, head_dim]`` (the layout of
   * ``"xla"`` / ``"cudnn"``: forwarded to ``jax.nn.dot_product_attention``;
   * ``"einsum"``: the reference written out below (also the only path that supports dropout
     on the attention weights, which the fused kernels do not).
+
+A causal band (``local_window``, GPT-3's banded layers) with ``implementation=None`` goes to
+cuDNN's sliding-window kernel where ``auto_implementation`` picks cuDNN, and otherwise (or
+with dropout) to ``common.sparse_attention.banded_attention``, which scores only the band
+(``O(n * window)``); ``"xla"`` and ``"einsum"`` mask the full ``n x n`` scores.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def dot_product_attention(
     mask: Array | None = None,
     bias: Array | None = None,
     is_causal: bool = False,
+    local_window: int | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     implementation: str | None = None,
@@ -107,11 +113,15 @@ def dot_product_attention(
 
     ``is_causal`` adds the causal mask for the case ``q_len == kv_len`` (positions aligned);
     with a KV cache pass an explicit ``mask`` built from absolute positions instead.
+    ``local_window``: self-attention in a causal band of this width (query ``i`` sees keys
+    ``i - local_window < j <= i``, ``masks.band_mask``); implies ``is_causal``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
         )
+    if local_window is not None:
+        return _banded(q, k, v, local_window, mask, bias, dropout_rate, dropout_rng, implementation)
     if implementation == "einsum" or dropout_rate > 0.0:
         if is_causal:
             pos_q = jnp.arange(q.shape[1])
@@ -132,6 +142,40 @@ def dot_product_attention(
         except (NotImplementedError, ValueError, RuntimeError):
             pass  # e.g. no cuDNN, or a GPU or layout this cuDNN does not take: use XLA
     return call("xla")
+
+
+def _banded(q, k, v, window, mask, bias, dropout_rate, dropout_rng, implementation) -> Array:
+    """``dot_product_attention`` with ``local_window=window``: see the module docstring."""
+    if mask is not None or bias is not None or q.shape[1] != k.shape[1]:
+        raise ValueError(
+            "local_window is for self-attention (q_len == kv_len) without an explicit mask or "
+            f"bias; got q_len {q.shape[1]}, kv_len {k.shape[1]}, mask {mask is not None}, "
+            f"bias {bias is not None}"
+        )
+    if window < 1:
+        raise ValueError(f"local_window must be >= 1, got {window}")
+    # jax's window (left, right) = (window - 1, 0): key j is seen by query i if
+    # i - (window - 1) <= j <= i; cuDNN takes it as a sliding window of ``window`` keys.
+    fused = lambda impl: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(window - 1, 0), implementation=impl
+    )
+    if implementation == "einsum":  # the reference: the dense scores, band-masked
+        pos = jnp.arange(q.shape[1])
+        mask = masks_lib.band_mask(pos, pos, window)
+        return einsum_attention(
+            q, k, v, mask=mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+        )
+    if dropout_rate == 0.0:
+        if implementation is not None:
+            return fused(implementation)
+        if auto_implementation(q, k) == "cudnn":
+            try:  # checked when traced, as in dot_product_attention
+                return fused("cudnn")
+            except (NotImplementedError, ValueError, RuntimeError):
+                pass
+    return sparse_attention.banded_attention(  # the fused kernels take no dropout
+        q, k, v, window=window, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+    )
 
 
 class MultiHeadAttention(nn.Module):
@@ -206,23 +250,19 @@ class MultiHeadAttention(nn.Module):
 
         dropout_rate = 0.0 if deterministic else self.dropout
         rng = self.make_rng("dropout") if dropout_rate > 0.0 else None
-        if local_window is not None:
-            if kv is not None or cache is not None or mask is not None:
-                raise ValueError("local_window is for self-attention without cache or mask")
-            out = sparse_attention.banded_attention(
-                q, k, v, window=local_window, dropout_rate=dropout_rate, dropout_rng=rng
-            )  # [batch, q_len, heads, head_dim]
-        else:
-            out = dot_product_attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                is_causal=is_causal,
-                dropout_rate=dropout_rate,
-                dropout_rng=rng,
-                implementation=self.implementation,
-            )  # [batch, q_len, heads, head_dim]
+        if local_window is not None and (kv is not None or cache is not None or mask is not None):
+            raise ValueError("local_window is for self-attention without cache or mask")
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            local_window=local_window,
+            dropout_rate=dropout_rate,
+            dropout_rng=rng,
+            implementation=self.implementation,
+        )  # [batch, q_len, heads, head_dim]
         out = nn.DenseGeneral(
             x.shape[-1],
             axis=(-2, -1),

@@ -10,8 +10,10 @@
 * GPT-3 (Brown et al. 2020, section 2.1): GPT-2 with layers alternating dense and locally
   banded causal attention. The paper gives no band width; we use ``local_window = 256``
   tokens (each query sees itself and the 255 tokens before it) and put the banded layers at
-  odd indices (layer 0 is dense). Banded layers run ``common.sparse_attention.
-  banded_attention``, which scores only the band (O(n * window), not a masked n x n).
+  odd indices (layer 0 is dense). With the default ``attention_impl`` banded layers run
+  cuDNN's sliding-window kernel on a GPU (half precision) and ``common.sparse_attention.
+  banded_attention`` elsewhere, which scores only the band (O(n * window), not a masked
+  n x n); see ``common.attention``.
 
 Input and output embeddings are tied. ``__call__`` takes an optional explicit KV cache (see
 ``init_cache``) so that generation is a pure function (``nlp/decoding.py``).
@@ -85,7 +87,7 @@ class Block(nn.Module):
             kv_positions = jnp.arange(cache["k"].shape[1])
         mask, is_causal, window = None, False, None
         if self.local_window is not None and cache is None:
-            window = self.local_window  # blockwise band, O(len * window) scores
+            window = self.local_window  # a band, O(len * window) scores
         elif self.local_window is not None:  # decoding: queries against the whole cache
             mask = masks.band_mask(positions, kv_positions, self.local_window)
         elif cache is not None:

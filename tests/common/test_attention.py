@@ -25,23 +25,73 @@ def test_implementations_equal_definition(implementation, masking):
     if masking == "padding":  # row b keeps its first n - 5 b keys: [b, 1, 1, k]
         keep = n - 5 * jnp.arange(q.shape[0])
         mask = (jnp.arange(n)[None, :] < keep[:, None])[:, None, None, :]
-    # The definition: softmax(q k^T / sqrt(d) masked) v, written out in numpy (float64).
-    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
-    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(q.shape[-1])
-    allowed = np.ones(scores.shape, bool)
+    allowed = np.ones((1, 1, n, n), bool)
     if is_causal:
         allowed &= np.tril(np.ones((n, n), bool))
     if mask is not None:
-        allowed &= np.asarray(mask)
-    scores = np.where(allowed, scores, -np.inf)
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    expected = np.einsum("bhqk,bkhd->bqhd", weights, vn)
-
+        allowed = allowed & np.asarray(mask)
     out = attn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
     )
+    np.testing.assert_allclose(np.asarray(out), _definition(q, k, v, allowed), atol=2e-5, rtol=1e-5)
+
+
+def _definition(q, k, v, allowed):
+    """softmax(q k^T / sqrt(d), keys not ``allowed`` left out) v, in numpy (float64)."""
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, vn)
+
+
+def _band(n, window):
+    """GPT-3's band, from its definition: query i sees keys j with i - window < j <= i."""
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    return ((j <= i) & (j > i - window))[None, None]
+
+
+@pytest.mark.parametrize("implementation", [None, "xla", "einsum"])
+@pytest.mark.parametrize("window", [1, 5, 8, 24, 40])
+def test_local_window_equals_definition(implementation, window):
+    q, k, v = _qkv()
+    out = attn.dot_product_attention(q, k, v, local_window=window, implementation=implementation)
+    expected = _definition(q, k, v, _band(q.shape[1], window))
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cudnn_refuses", [False, True])
+def test_local_window_on_gpu_is_cudnn_sliding_window(monkeypatch, cudnn_refuses):
+    """Where ``auto_implementation`` picks cuDNN, a band is one fused call with jax's window
+    ``(window - 1, 0)``: run here by XLA with the same arguments, it equals the definition.
+    If cuDNN refuses it, the blockwise band runs instead."""
+    q, k, v = _qkv()
+    monkeypatch.setattr(attn, "auto_implementation", lambda *a, **kw: "cudnn")
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def fake(*args, implementation=None, **kw):
+        calls.append((implementation, kw.get("local_window_size"), kw.get("is_causal")))
+        if cudnn_refuses:
+            raise NotImplementedError("no sliding window in this cuDNN")
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    out = attn.dot_product_attention(q, k, v, local_window=5)
+    assert calls == [("cudnn", (4, 0), True)]
+    expected = _definition(q, k, v, _band(q.shape[1], 5))
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_local_window_bad_input_is_named():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="local_window must be >= 1"):
+        attn.dot_product_attention(q, k, v, local_window=0)
+    with pytest.raises(ValueError, match="without an explicit mask"):
+        attn.dot_product_attention(q, k, v, local_window=4, mask=jnp.ones((1, 1, 24, 24), bool))
+    with pytest.raises(ValueError, match="q_len == kv_len"):
+        attn.dot_product_attention(q[:, :8], k, v, local_window=4)
 
 
 def test_auto_implementation_picks_cudnn_only_where_it_applies():
