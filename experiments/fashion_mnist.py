@@ -8,7 +8,10 @@ and 0.9210 / 0.9180 / 0.9203 / 0.9224 / 0.9179 for seeds 0-4 on one one-thread d
 
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_swin
     python -m experiments.fashion_mnist --workdir workdirs/fashion_mnist_vit \
-        --config.model.family=vit
+        --config=experiments/fashion_mnist.py:vit
+
+(``vit``: 3,700 steps, 20.3 minutes of training at 410 images/s on the idle machine; test
+accuracy 0.8989 with the same test-time augmentation, 0.8912 without.)
 
 Variants and overrides (``smoke``: a minute; any field of the active family's table):
 
@@ -175,8 +178,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     unknown = parts - {"smoke", "vit", "swin"}
     if unknown or {"vit", "swin"} <= parts:
         raise ValueError(f"unknown variant {variant!r}; combine 'smoke' with 'vit' or 'swin'")
-    if "vit" in parts:
+    if "vit" in parts:  # ~20 minutes of training on 2 idle cores (410 images/s)
         c.model.family = "vit"
+        c.train.steps = 3700
     if "smoke" in parts:  # under a minute on 2 cores: plumbing and a first sign of learning
         c.model.swin.update(embed_dim=16, depths=(1, 1), num_heads=(1, 2), drop_path_rate=0.0)
         c.model.vit.update(num_layers=2, num_heads=2, d_model=32, d_ff=64)
