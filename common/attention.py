@@ -137,11 +137,18 @@ def dot_product_attention(
     if implementation is not None:
         return call(implementation)
     if auto_implementation(q, k, mask=mask, bias=bias) == "cudnn":
-        try:  # JAX checks what cuDNN supports when it traces the call, not when it runs
-            return call("cudnn")
-        except (NotImplementedError, ValueError, RuntimeError):
-            pass  # e.g. no cuDNN, or a GPU or layout this cuDNN does not take: use XLA
+        if (out := _cudnn_unless_refused(call)) is not None:
+            return out
     return call("xla")
+
+
+def _cudnn_unless_refused(call: Callable[[str], Array]) -> Array | None:
+    """``call("cudnn")``, or None where cuDNN refuses the call (no cuDNN, or a GPU, shape or
+    layout it does not take). JAX checks that when it traces the call, not when it runs."""
+    try:
+        return call("cudnn")
+    except (NotImplementedError, ValueError, RuntimeError):
+        return None
 
 
 def _banded(q, k, v, window, mask, bias, dropout_rate, dropout_rng, implementation) -> Array:
@@ -169,10 +176,8 @@ def _banded(q, k, v, window, mask, bias, dropout_rate, dropout_rng, implementati
         if implementation is not None:
             return fused(implementation)
         if auto_implementation(q, k) == "cudnn":
-            try:  # checked when traced, as in dot_product_attention
-                return fused("cudnn")
-            except (NotImplementedError, ValueError, RuntimeError):
-                pass
+            if (out := _cudnn_unless_refused(fused)) is not None:
+                return out
     return sparse_attention.banded_attention(  # the fused kernels take no dropout
         q, k, v, window=window, dropout_rate=dropout_rate, dropout_rng=dropout_rng
     )
