@@ -209,7 +209,7 @@ class MultiHeadAttention(nn.Module):
         *,
         mask: Array | None = None,  # bool [b|1, h|1, q_len, kv_len]
         is_causal: bool = False,
-        local_window: int | None = None,  # causal band of this width, computed blockwise
+        local_window: int | None = None,  # causal band of this width (see dot_product_attention)
         cache: dict[str, Array] | None = None,
         cache_index: Array | None = None,
         deterministic: bool = True,
