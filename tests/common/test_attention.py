@@ -136,3 +136,105 @@ def test_unknown_implementation_is_named():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="flash"):
         attn.dot_product_attention(q, k, v, implementation="flash")
+
+
+def _definition_with_bias(q, k, v, allowed, bias):
+    """``_definition`` with an additive bias on the scores (float64)."""
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed, scores + np.asarray(bias, np.float64), -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, vn)
+
+
+@pytest.mark.parametrize("n", [64, 70, 131])
+@pytest.mark.parametrize("masking", ["none", "padding", "per_query", "bias"])
+def test_causal_chunks_equal_definition(n, masking):
+    """Causal self-attention in query chunks (what ``implementation=None`` runs on the XLA
+    path from 64 tokens on) equals the causal definition, with every kind of extra mask."""
+    q, k, v = _qkv(n=n, d=8)
+    b, h = q.shape[0], q.shape[2]
+    rng = np.random.default_rng(1)
+    mask = bias = None
+    allowed = np.tril(np.ones((n, n), bool))[None, None]
+    if masking == "padding":  # [b, 1, 1, k]: row b keeps its first n - 9 b keys
+        mask = jnp.asarray(np.arange(n)[None, :] < (n - 9 * np.arange(b))[:, None])[:, None, None]
+    elif masking == "per_query":  # [b, 1, q, k], every query keeps itself
+        mask = jnp.asarray((rng.random((b, 1, n, n)) < 0.7) | np.eye(n, dtype=bool))
+    elif masking == "bias":  # [1, h, q, k]
+        bias = jnp.asarray(rng.standard_normal((1, h, n, n)), jnp.float32)
+    if mask is not None:
+        allowed = allowed & np.asarray(mask)
+    chunked = attn.causal_chunked_attention(q, k, v, mask=mask, bias=bias)
+    routed = attn.dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=True)
+    zero = np.zeros((1, 1, n, n))
+    expected = _definition_with_bias(q, k, v, allowed, zero if bias is None else bias)
+    for out in (chunked, routed):
+        np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_causal_chunks_gradients_equal_xla():
+    q, k, v = _qkv(n=96, d=8)
+    cot = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
+
+    ours = grads(attn.causal_chunked_attention)
+    ref = grads(
+        lambda q, k, v: attn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    )
+    for a, r in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, rtol=1e-5)
+
+
+def test_causal_chunks_skip_the_keys_they_cannot_see(monkeypatch):
+    """n = 256 runs as 4 query chunks of 64 against 64, 128, 192 and 256 keys; short
+    sequences, explicit implementations and cross-attention keep the single call."""
+    calls = []
+    real = attn.einsum_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attn, "einsum_attention", spy)
+    q, k, v = _qkv(b=1, n=256, h=1, d=8)
+    attn.dot_product_attention(q, k, v, is_causal=True)
+    assert calls == [(64, 64), (64, 128), (64, 192), (64, 256)]
+    calls.clear()
+    q, k, v = _qkv(n=40)
+    attn.dot_product_attention(q, k, v, is_causal=True)  # under 2 chunks of 32: one call
+    q, k, v = _qkv(n=64)
+    attn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    attn.dot_product_attention(q, k[:, :32], v[:, :32], is_causal=False)
+    assert calls == []
+    attn.dot_product_attention(q, k, v, is_causal=True, implementation="einsum")
+    assert calls == [(64, 64)]
+
+
+def test_causal_chunks_dropout_draws_per_chunk():
+    """With dropout, chunk ``i`` is ``einsum_attention`` of its queries with the key
+    ``fold_in(rng, i)``: the documented definition."""
+    q, k, v = _qkv(n=64, d=8)
+    rng = jax.random.key(3)
+    out = attn.causal_chunked_attention(q, k, v, dropout_rate=0.3, dropout_rng=rng)
+    for i, (s, e) in enumerate([(0, 32), (32, 64)]):
+        causal = jnp.arange(e)[None, :] <= jnp.arange(s, e)[:, None]
+        ref = attn.einsum_attention(
+            q[:, s:e],
+            k[:, :e],
+            v[:, :e],
+            mask=causal[None, None],
+            dropout_rate=0.3,
+            dropout_rng=jax.random.fold_in(rng, i),
+        )
+        np.testing.assert_allclose(np.asarray(out[:, s:e]), np.asarray(ref), atol=1e-6)
+    assert not np.allclose(np.asarray(out), np.asarray(attn.causal_chunked_attention(q, k, v)))
+
+
+def test_causal_chunks_bad_input_is_named():
+    q, k, v = _qkv(n=64)
+    with pytest.raises(ValueError, match="q_len == kv_len"):
+        attn.causal_chunked_attention(q, k[:, :32], v[:, :32])
