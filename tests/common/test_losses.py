@@ -49,3 +49,12 @@ def test_projected_cross_entropy_in_bfloat16_keeps_dtypes():
     np.testing.assert_allclose(total, _composed(x, w, targets, weights)[0], rtol=1e-2)
     dx, dw = jax.grad(_mean(projected_cross_entropy), (0, 1))(x, w, targets, weights)
     assert dx.dtype == dtype and dw.dtype == dtype
+
+
+def test_projected_cross_entropy_is_stable_for_large_logits():
+    """Logits in the hundreds (exp overflows float32 past ~88): the max is taken out first."""
+    x, w, targets, weights = _inputs()
+    w = 200.0 * w
+    total, _ = projected_cross_entropy(x, w, targets, weights)
+    assert np.isfinite(float(total))
+    np.testing.assert_allclose(total, _composed(x, w, targets, weights)[0], rtol=1e-6)
