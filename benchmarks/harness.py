@@ -21,6 +21,12 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def page_faults() -> int:
+    """Minor + major page faults of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt + r.ru_majflt
+
+
 def alternate(
     sides: dict[str, Callable[[int], float]],
     rounds: int,
@@ -30,23 +36,30 @@ def alternate(
 ):
     """Rounds of ``steps`` calls per side, sides alternating who goes first.
 
-    Returns ``{side: [wall s/call per round]}, {side: [CPU s/call per round]}``.
+    Returns ``{side: [wall s/call per round]}, {side: [CPU s/call per round]}``. Each round's
+    line also shows the page faults per call: with the malloc settings a warm step takes
+    none, and a round that does (memory given back and touched again) pays for them in
+    kernel time, which the CPU seconds include.
     """
     wall: dict[str, list[float]] = {name: [] for name in sides}
     cpu: dict[str, list[float]] = {name: [] for name in sides}
+    faults: dict[str, int] = {}
     names = list(sides)
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            c, t = cpu_seconds(), time.perf_counter()
+            f, c, t = page_faults(), cpu_seconds(), time.perf_counter()
             sides[name](steps)
             wall[name].append((time.perf_counter() - t) / steps)
             cpu[name].append((cpu_seconds() - c) / steps)
+            faults[name] = (page_faults() - f) // steps
         if between is not None:
             between()
         print(
             f"  {label} {r}: "
-            + "  ".join(f"{n} {wall[n][-1]:.3f}s (cpu {cpu[n][-1]:.2f}s)" for n in names)
+            + "  ".join(
+                f"{n} {wall[n][-1]:.3f}s (cpu {cpu[n][-1]:.2f}s, {faults[n]} faults)" for n in names
+            )
             + f"  load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
