@@ -36,10 +36,12 @@ def test_implementations_equal_definition(implementation, masking):
     np.testing.assert_allclose(np.asarray(out), _definition(q, k, v, allowed), atol=2e-5, rtol=1e-5)
 
 
-def _definition(q, k, v, allowed):
-    """softmax(q k^T / sqrt(d), keys not ``allowed`` left out) v, in numpy (float64)."""
+def _definition(q, k, v, allowed, bias=None):
+    """softmax(q k^T / sqrt(d) + bias, keys not ``allowed`` left out) v, in numpy (float64)."""
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
     scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + np.asarray(bias, np.float64)
     scores = np.where(allowed, scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
@@ -138,16 +140,6 @@ def test_unknown_implementation_is_named():
         attn.dot_product_attention(q, k, v, implementation="flash")
 
 
-def _definition_with_bias(q, k, v, allowed, bias):
-    """``_definition`` with an additive bias on the scores (float64)."""
-    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
-    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(q.shape[-1])
-    scores = np.where(allowed, scores + np.asarray(bias, np.float64), -np.inf)
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    return np.einsum("bhqk,bkhd->bqhd", weights, vn)
-
-
 @pytest.mark.parametrize("n", [64, 70, 131])
 @pytest.mark.parametrize("masking", ["none", "padding", "per_query", "bias"])
 def test_causal_chunks_equal_definition(n, masking):
@@ -168,8 +160,7 @@ def test_causal_chunks_equal_definition(n, masking):
         allowed = allowed & np.asarray(mask)
     chunked = attn.causal_chunked_attention(q, k, v, mask=mask, bias=bias)
     routed = attn.dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=True)
-    zero = np.zeros((1, 1, n, n))
-    expected = _definition_with_bias(q, k, v, allowed, zero if bias is None else bias)
+    expected = _definition(q, k, v, allowed, bias)
     for out in (chunked, routed):
         np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)
 
