@@ -184,7 +184,7 @@ def causal_chunked_attention(
     This is the XLA path for causal calls (``dot_product_attention`` with
     ``implementation=None`` where ``auto_implementation`` picks XLA): with materialised
     scores, skipping the masked blocks made causal attention forward+backward on a 2-core
-    CPU 1.3-1.9x faster at n = 64 and 256 and 3x faster at n = 1024 (``benchmarks/README``).
+    CPU 1.3-1.8x faster at n = 64 to 256 and 2.6-2.8x at n = 1024 (``benchmarks/README.md``).
     """
     n = q.shape[1]
     if k.shape[1] != n:
