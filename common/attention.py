@@ -189,6 +189,8 @@ def causal_chunked_attention(
     n = q.shape[1]
     if k.shape[1] != n:
         raise ValueError(f"causal_chunked_attention needs q_len == kv_len, got {n}, {k.shape[1]}")
+    if chunks < 1:
+        raise ValueError(f"causal_chunked_attention needs chunks >= 1, got {chunks}")
     size = max(MIN_CAUSAL_CHUNK, -(-n // chunks))
 
     def rows(x: Array | None, start: int, end: int) -> Array | None:

@@ -229,3 +229,5 @@ def test_causal_chunks_bad_input_is_named():
     q, k, v = _qkv(n=64)
     with pytest.raises(ValueError, match="q_len == kv_len"):
         attn.causal_chunked_attention(q, k[:, :32], v[:, :32])
+    with pytest.raises(ValueError, match="chunks >= 1"):
+        attn.causal_chunked_attention(q, k, v, chunks=0)
