@@ -47,7 +47,8 @@ def flat_dot_general(
     faster: the Fashion-MNIST Swin on two one-thread data-parallel devices ran 12% fewer
     images/s with it (its weight gradients became single-thread Eigen dots), so Swin keeps
     ``jax.lax.dot_general``. Pass it as ``dot_general=`` to ``nn.Dense`` / ``nn.DenseGeneral``
-    (the default of ``dense``, ``MLP`` and ``StackedDense``).
+    (the default of ``dense``, ``MLP`` and ``StackedDense``). Projections that narrow (``in >
+    out``) take their kernel gradient in the faster orientation (``_narrowing_matmul``).
     """
     (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
     n = len(lhs_c)
@@ -62,10 +63,46 @@ def flat_dot_general(
     ):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, **kw)
     k = math.prod(rhs.shape[:n])
-    y = jax.lax.dot_general(
-        lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())), **kw
-    )  # [prod(lead), prod(out)]
-    return y.reshape(*lead, *rhs.shape[n:])
+    lhs2, rhs2 = lhs.reshape(-1, k), rhs.reshape(k, -1)
+    if (
+        k > rhs2.shape[1]
+        and lhs.dtype == rhs.dtype
+        and precision is None
+        and preferred_element_type is None
+    ):
+        y = _narrowing_matmul(lhs2, rhs2)
+    else:
+        y = jax.lax.dot_general(lhs2, rhs2, (((1,), (0,)), ((), ())), **kw)
+    return y.reshape(*lead, *rhs.shape[n:])  # y: [prod(lead), prod(out)]
+
+
+@jax.custom_vjp
+def _narrowing_matmul(x: Array, kernel: Array) -> Array:
+    """``x [n, in] @ kernel [in, out]`` for ``in > out``, whose kernel gradient is computed as
+    ``(g^T x)^T``: the ``[out, in]`` product, with the longer axis last, then a transpose of
+    that small result (behind an optimisation barrier, or XLA folds it back into the dot).
+    XLA CPU runs the row contraction 20-40% faster when its output's last axis is the longer
+    one (2 cores; up to 1.8x on one): ``[4096, 1536]^T [4096, 384]`` 29.3 -> 24.1 ms,
+    ``[2048, 1024]^T [2048, 256]`` 8.3 -> 6.0 ms. For ``in <= out`` the plain ``x^T g`` is
+    already that form. The encoder-decoder benchmark's train step (its feed-forward output
+    projections, 1024 -> 256) took 5% less time with it (0.574 -> 0.546 s, 12 alternating
+    rounds); GPT's step, where they are 4% of the FLOPs, the same within noise. Values
+    and gradients equal ``dot_general``'s (``tests/common/test_flat_dot_general.py``)."""
+    return x @ kernel
+
+
+def _narrowing_matmul_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _narrowing_matmul_bwd(res, g):  # g: [n, out]
+    x, kernel = res
+    dx = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))  # [n, in]
+    dk_t = jax.lax.dot_general(g, x, (((0,), (0,)), ((), ())))  # [out, in]
+    return dx.astype(x.dtype), jax.lax.optimization_barrier(dk_t).T.astype(kernel.dtype)
+
+
+_narrowing_matmul.defvjp(_narrowing_matmul_fwd, _narrowing_matmul_bwd)
 
 
 def dense(

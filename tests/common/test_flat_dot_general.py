@@ -20,10 +20,20 @@ CASES = [
 ]
 
 
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr``, including those inside custom-VJP calls."""
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            inner = getattr(p, "jaxpr", p)  # a ClosedJaxpr holds its Jaxpr
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                yield from _eqns(inner)
+
+
 def dot_ranks(f, *args):
     return [
         tuple(v.aval.ndim for v in e.invars)
-        for e in jax.make_jaxpr(f)(*args).eqns
+        for e in _eqns(jax.make_jaxpr(f)(*args).jaxpr)
         if e.primitive.name == "dot_general"
     ]
 
@@ -56,3 +66,21 @@ def test_dense_with_flat_dot_general_is_nn_dense():
         jnp.shape, params
     )
     np.testing.assert_allclose(flat.apply(params, x), plain.apply(params, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("d_in, d_out", [(12, 5), (5, 12), (6, 6)])
+def test_narrowing_projection_takes_the_kernel_gradient_as_out_by_in(d_in, d_out):
+    """Where the projection narrows (``in > out``) the kernel gradient is the ``[out, in]``
+    row contraction kept as it is (an optimisation barrier, so XLA does not fold the final
+    transpose back into the dot's output layout); the values are ``dot_general``'s."""
+    k1, k2 = jax.random.split(jax.random.key(2))
+    x, kernel = jax.random.normal(k1, (3, 5, d_in)), jax.random.normal(k2, (d_in, d_out))
+    dims = (((2,), (0,)), ((), ()))
+    loss = lambda k: jnp.sum(jnp.sin(flat_dot_general(x, k, dims)))
+    eqns = list(_eqns(jax.make_jaxpr(jax.grad(loss))(kernel).jaxpr))
+    kept = [
+        v.aval.shape for e in eqns if e.primitive.name == "optimization_barrier" for v in e.invars
+    ]
+    assert kept == ([(d_out, d_in)] if d_in > d_out else [])
+    ref = jax.grad(lambda k: jnp.sum(jnp.sin(jax.lax.dot_general(x, k, dims))))(kernel)
+    np.testing.assert_allclose(jax.grad(loss)(kernel), ref, rtol=1e-5, atol=1e-5)
