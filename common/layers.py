@@ -45,10 +45,12 @@ def flat_dot_general(
     core (``[16384, 64]^T [16384, 128]``). Flattened, one GPT-2 train step of
     ``benchmarks/gpt.py`` takes 10% less time and the encoder-decoder's 7% less. Not always
     faster: the Fashion-MNIST Swin on two one-thread data-parallel devices ran 12% fewer
-    images/s with it (its weight gradients became single-thread Eigen dots), so Swin keeps
-    ``jax.lax.dot_general``. Pass it as ``dot_general=`` to ``nn.Dense`` / ``nn.DenseGeneral``
-    (the default of ``dense``, ``MLP`` and ``StackedDense``). Projections that narrow (``in >
-    out``) take their kernel gradient in the faster orientation (``_narrowing_matmul``).
+    images/s with it in every projection (its weight gradients became single-thread Eigen
+    dots), so Swin's attention projections keep ``jax.lax.dot_general``; its MLP uses this
+    one, which the narrowing gradient below made faster there too. Pass it as
+    ``dot_general=`` to ``nn.Dense`` / ``nn.DenseGeneral`` (the default of ``dense``, ``MLP``
+    and ``StackedDense``). Projections that narrow (``in > out``) take their kernel gradient
+    in the faster orientation (``_narrowing_matmul``).
     """
     (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
     n = len(lhs_c)
