@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.harness import alternate, cpu_seconds  # noqa: E402
+from benchmarks.harness import alternate, cpu_seconds, warm_up  # noqa: E402
 from common import flops, optim, sharding, training  # noqa: E402
 from nlp import decoding, gpt  # noqa: E402
 from nlp.gpt_convert import gpt2_params_from_torch, gpt_config_from_hf  # noqa: E402
@@ -109,6 +109,7 @@ class Plan:
 
 FULL = Plan(rounds=6, steps=2, gen_rounds=5, peak_sizes=(1024, 2048, 4096))
 QUICK = Plan(rounds=2, steps=1, gen_rounds=2, peak_sizes=(1024, 2048))
+WARM_UP_ROUNDS = 6  # at most; see benchmarks.harness.warm_up
 
 
 def hf_model(cfg: Config, seed: int) -> transformers.GPT2LMHeadModel:
@@ -368,9 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     assert abs(loss_ours - loss_torch) < 1e-3 * abs(loss_torch), (loss_ours, loss_torch)
-    # One more untimed step per side: the step after the compile still page-faults its
-    # ~3 GB of buffers in (~780k faults, ~4 s of kernel time) while the heap settles.
-    ours(1), theirs(1)
+    # Untimed steps until the shared heap settles: the steps after the compile still
+    # page-fault their ~3 GB of buffers in (~780k faults, ~4 s of kernel time).
+    warm_up({"ours": ours, "torch": theirs}, WARM_UP_ROUNDS, plan.steps)
     times, cpu = alternate(
         {"ours": ours, "torch": theirs}, plan.rounds, plan.steps, between=measure_peak
     )

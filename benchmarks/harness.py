@@ -27,6 +27,34 @@ def page_faults() -> int:
     return r.ru_minflt + r.ru_majflt
 
 
+def warm_up(
+    sides: dict[str, Callable[[int], float]], max_rounds: int, steps: int, quiet: int = 1000
+) -> int:
+    """Untimed calls of ``steps`` steps (as the timed rounds make them), sides alternating,
+    until a round in which no side page-faults more than ``quiet`` times per step (at most
+    ``max_rounds`` rounds); returns the rounds taken.
+
+    With the malloc settings a warm step takes no page faults, but the sides share one heap:
+    a step right after the other side's first steps often finds its freed memory reused and
+    takes fresh pages (hundreds of thousands of faults, seconds of kernel time) until the
+    heap's layout settles, which can take a few rounds. Back-to-back steps overlap (the next
+    one is dispatched while the last runs) and need more memory than single ones, so the
+    warm-up calls take as many steps as the timed ones: warmed with single steps, the Swin
+    benchmark's first two 2-step rounds still took 220k-450k faults per step. The timed
+    rounds should measure the settled steps; each still reports its faults.
+    """
+    for r in range(1, max_rounds + 1):
+        worst = 0
+        for f in sides.values():
+            before = page_faults()
+            f(steps)
+            worst = max(worst, (page_faults() - before) // steps)
+        print(f"  warm-up round {r}: most page faults per step {worst}", flush=True)
+        if worst <= quiet:
+            return r
+    return max_rounds
+
+
 def alternate(
     sides: dict[str, Callable[[int], float]],
     rounds: int,
