@@ -109,7 +109,6 @@ def build_ours_train(
     state, shardings = training.create_state(init_fn, tx, mesh, jax.random.key(0))
     params = jax.device_put(params, shardings.params)  # HF's weights in place of ours
     state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
     state = jax.device_put(state, shardings)  # committed, so the step compiles once
 
     def loss_fn(params, batch, rng):
