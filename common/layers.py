@@ -104,7 +104,9 @@ def _narrowing_matmul_bwd(res, g):  # g: [n, out]
     # The second barrier materialises the transposed kernel gradient once: without it XLA
     # fuses the transpose into each consumer (the gradient clip, AdamW's two moments, the
     # norms), each then reading the [out, in] product with a stride. Swin-T step profile:
-    # the AdamW fusions of its [3072, 768] kernels 9.5 -> 4.5 ms each.
+    # the AdamW fusions of its [3072, 768] kernels 9.5 -> 4.5 ms each. Whole steps,
+    # alternating with the old code in one process: GPT 4.52 -> 4.45 s (6 rounds), the
+    # encoder-decoder 0.531 -> 0.523 s (8 rounds).
     dk = jax.lax.optimization_barrier(jax.lax.optimization_barrier(dk_t).T)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
@@ -122,9 +124,9 @@ def dense(
     kernel_init: Callable[..., Any] = nn.initializers.normal(0.02),
     use_bias: bool = True,
     dot_general: Callable[..., Array] = flat_dot_general,
-) -> Dense:
-    """``Dense`` whose kernel carries logical axis names ``axes`` (in, out)."""
-    return Dense(
+) -> nn.Dense:
+    """``nn.Dense`` whose kernel carries logical axis names ``axes`` (in, out)."""
+    return nn.Dense(
         features,
         use_bias=use_bias,
         dot_general=dot_general,
@@ -217,60 +219,5 @@ class StackedDense(nn.Module):
         outs = []
         for i in range(self.num):
             y = self.dot_general(x, kernel[:, i], (((x.ndim - 1,), (0,)), ((), ())))
-            outs.append(y if bias is None else add_bias(y, bias[i]))
+            outs.append(y if bias is None else y + bias[i])
         return tuple(outs)
-
-
-class Dense(nn.Module):
-    """``nn.Dense``: the same parameters (``kernel [in, features]``, ``bias [features]``) and
-    values, with the bias added by ``add_bias``."""
-
-    features: int
-    use_bias: bool = True
-    dot_general: Callable[..., Array] = flat_dot_general
-    kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
-    bias_init: Callable[..., Any] = nn.initializers.zeros
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:  # [..., in] -> [..., features]
-        kernel = self.param(
-            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        return y if bias is None else add_bias(y, bias)
-
-
-@jax.custom_vjp
-def add_bias(y: Array, bias: Array) -> Array:
-    """``y [..., *b] + bias [*b]``, whose bias gradient is the matmul ``ones [n] @ g [n, b]``
-    (float32 accumulation) instead of a sum over the leading axes.
-
-    Why: in whole train steps XLA CPU rewrites those sums (over ``[batch * windows,
-    tokens]`` of a transposed attention gradient, say) into reduce-windows that run far
-    slower than the same sum alone: in the Swin-T step profile (``benchmarks/swin.py``'s
-    shape) the Q/K/V bias gradients took 80 ms of kernel time per step, 11 ms as matmuls.
-    Used by ``Dense`` and ``StackedDense``; the values are the same (summation order aside).
-    """
-    return y + bias
-
-
-def _add_bias_fwd(y, bias):
-    return y + bias, bias
-
-
-def _add_bias_bwd(bias, g):
-    n = g.size // bias.size
-    ones = jax.lax.optimization_barrier(jnp.ones((n,), g.dtype))  # or XLA makes it a sum
-    db = jnp.dot(ones, g.reshape(n, bias.size), preferred_element_type=jnp.float32)
-    return g, db.reshape(bias.shape).astype(bias.dtype)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

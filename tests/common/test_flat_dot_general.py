@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.layers import Dense, add_bias, flat_dot_general
+from common.layers import flat_dot_general
 
 # (lhs shape, rhs shape, dimension numbers, flattened to one 2-D dot?)
 CASES = [
@@ -86,29 +86,3 @@ def test_narrowing_projection_takes_the_kernel_gradient_as_out_by_in(d_in, d_out
     assert kept == ([(d_out, d_in), (d_in, d_out)] if d_in > d_out else [])
     ref = jax.grad(lambda k: jnp.sum(jnp.sin(jax.lax.dot_general(x, k, dims))))(kernel)
     np.testing.assert_allclose(jax.grad(loss)(kernel), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_dense_and_add_bias_equal_nn_dense():
-    """``Dense`` has ``nn.Dense``'s parameters and values; ``add_bias``'s bias gradient (a
-    matmul with ones) equals the sum over the leading axes, also for a multi-axis bias."""
-    x = jax.random.normal(jax.random.key(1), (2, 3, 8))
-    ref = nn.Dense(6, bias_init=nn.initializers.normal(1.0))
-    ours = Dense(6, bias_init=nn.initializers.normal(1.0))
-    params = ref.init(jax.random.key(0), x)
-    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
-        jnp.shape, params
-    )
-    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
-    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=1e-5)
-    for g_ours, g_ref in zip(
-        jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
-        jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
-    y = jax.random.normal(jax.random.key(3), (4, 5, 3, 2))
-    b = jax.random.normal(jax.random.key(4), (3, 2))
-    f = lambda y, b: jnp.sum(jnp.cos(add_bias(y, b)))
-    g = lambda y, b: jnp.sum(jnp.cos(y + b))
-    for a, r in zip(jax.grad(f, (0, 1))(y, b), jax.grad(g, (0, 1))(y, b), strict=True):
-        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
