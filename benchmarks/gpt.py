@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     assert abs(loss_ours - loss_torch) < 1e-3 * abs(loss_torch), (loss_ours, loss_torch)
     # Untimed steps until the shared heap settles: the steps after the compile still
     # page-fault their ~3 GB of buffers in (~780k faults, ~4 s of kernel time).
-    warm_up({"ours": ours, "torch": theirs}, WARM_UP_ROUNDS, plan.steps)
+    warm = warm_up({"ours": ours, "torch": theirs}, WARM_UP_ROUNDS, plan.steps)
     times, cpu = alternate(
         {"ours": ours, "torch": theirs}, plan.rounds, plan.steps, between=measure_peak
     )
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU-second {cpu_peak / 1e9:.0f}."
     )
     print(
-        f"Train loss after {1 + plan.rounds * plan.steps + 1} steps on the same batch: "
+        f"Train loss after {2 + (warm + plan.rounds) * plan.steps} steps on the same batch: "
         f"ours {last_ours:.4f}, torch {last_torch:.4f}"
     )
     print(

@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     # its OpenMP threads spin waiting for each other, so one thread can be faster; the ratio
     # is taken against the faster of the two.
     sides = {"ours": ours, "torch": theirs, "torch-1t": functools.partial(theirs, threads=1)}
-    warm_up(sides, WARM_UP_ROUNDS, plan.steps)
+    warm = warm_up(sides, WARM_UP_ROUNDS, plan.steps)
     times, cpu = alternate(sides, plan.rounds, plan.steps)
+    ours_steps = 2 + (warm + plan.rounds) * plan.steps  # compile, warm-up, timed, last
     last_ours, last_torch = ours(1), theirs(1)
     assert ours.compiles() == 1, f"our train step compiled {ours.compiles()} times"
     del ours, theirs, sides, hf
@@ -315,8 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{THREADS} threads, {med_times['torch-1t']:.3f}s with 1; compared: {torch_side}."
     )
     print(
-        f"Train loss on the same batch after {2 + plan.rounds * plan.steps} steps: ours "
-        f"{last_ours:.4f}; after {2 + 2 * plan.rounds * plan.steps} (both torch sides update "
+        f"Train loss on the same batch after {ours_steps} steps: ours "
+        f"{last_ours:.4f}; after {2 * ours_steps - 2} (both torch sides update "
         f"one model): torch {last_torch:.4f}"
     )
     b = plan.batch

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for value in first.values():
         assert abs(value - first["ours"]) < 1e-4 * abs(value), first
-    warm_up(sides, WARM_UP_ROUNDS, plan.steps)
+    warm = warm_up(sides, WARM_UP_ROUNDS, plan.steps)
     times, cpu = alternate(sides, plan.rounds, plan.steps)
     last = {name: run(1) for name, run in sides.items()}
     assert ours.compiles() == 1, f"our train step compiled {ours.compiles()} times"
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{plan.steps} steps per side; load average {os.getloadavg()[0]:.1f}."
     )
     print(
-        f"Train loss after {2 + plan.rounds * plan.steps} steps on the same batch: "
+        f"Train loss after {2 + (warm + plan.rounds) * plan.steps} steps on the same batch: "
         + ", ".join(f"{n} {v:.4f}" for n, v in last.items())
     )
     print(
