@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -35,13 +37,19 @@ def cross_entropy(
 
 
 def projected_cross_entropy(
-    x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """``cross_entropy(x @ w.T, targets, weights)`` with a hand-written backward pass.
+    x: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``cross_entropy(x @ w.T, targets, weights, label_smoothing)`` with a hand-written
+    backward pass; returns ``(summed loss, summed weight, summed unsmoothed NLL)`` (the first
+    and last are equal without smoothing).
 
     x ``[..., d]`` (features), w ``[vocab, d]`` (a tied embedding / output projection),
-    targets ``[...]`` int, weights ``[...]``. The same value as the composition; what differs
-    is the work on the ``[tokens, vocab]`` arrays. Autodiff of the composition keeps
+    targets ``[...]`` int, weights ``[...]``. The same values as the composition; what
+    differs is the work on the ``[tokens, vocab]`` arrays. Autodiff of the composition keeps
     ``exp(logits - max)``, scatters the target picks, and copies the logit gradient into a
     transposed buffer for ``dw``: five vocab-sized buffers and as many passes. Here the
     forward pass keeps only ``e = exp(logits - max)`` and its row sums ``s``, and the
@@ -55,25 +63,37 @@ def projected_cross_entropy(
     so no pass over the vocab-sized arrays rebuilds ``g`` (one pass less each way than
     rebuilding it from saved logits: 2.53 -> 2.48 s for forward + backward at the GPT
     benchmark's ``[4096, 384] x [384, 50257]``), and ``dw`` is contracted over tokens
-    directly (a ``[d, vocab]`` transpose instead of a ``[tokens, vocab]`` one). Logits are
-    accumulated in float32 whatever the dtype of ``x`` and ``w``. The token axes are
-    flattened first (see ``common.layers.flat_dot_general`` for why).
+    directly (a ``[d, vocab]`` transpose instead of a ``[tokens, vocab]`` one). Label
+    smoothing ``eps`` adds ``eps * (picked logit - mean logit)`` per token, and the mean
+    logit is ``x . mean_v(w)``: its gradient is a rank-one term on the small sides too (the
+    encoder-decoder benchmark's step, smoothing 0.1: 3% less time than the composition, 10
+    alternating rounds). Logits are accumulated in float32 whatever the dtype of ``x`` and
+    ``w``. The token axes are flattened first (see ``common.layers.flat_dot_general`` for
+    why).
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label smoothing must be in [0, 1), got {label_smoothing}")
     d = x.shape[-1]
-    return _projected_ce(x.reshape(-1, d), w, targets.reshape(-1), weights.reshape(-1))
+    flat = (x.reshape(-1, d), w, targets.reshape(-1), weights.reshape(-1))
+    return _projected_ce(*flat, float(label_smoothing))
 
 
-@jax.custom_vjp
-def _projected_ce(x, w, targets, weights):  # x [tokens, d], targets and weights [tokens]
-    return _projected_ce_fwd(x, w, targets, weights)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _projected_ce(x, w, targets, weights, eps):  # x [tokens, d], targets, weights [tokens]
+    return _projected_ce_fwd(x, w, targets, weights, eps)[0]
 
 
-def _projected_ce_fwd(x, w, targets, weights):
+def _projected_ce_fwd(x, w, targets, weights, eps):
     logits = jnp.einsum("nd,vd->nv", x, w, preferred_element_type=jnp.float32)
     e, sums, logz = _exp_rows(logits)  # e [tokens, vocab]; sums, logz [tokens]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)
-    out = (jnp.sum((logz - picked) * weights), jnp.sum(weights))
+    nll = logz - picked  # [tokens]
+    loss = nll
+    if eps:  # (1 - eps) nll + eps (logz - mean logit)
+        mean_logit = x.astype(jnp.float32) @ jnp.mean(w.astype(jnp.float32), axis=0)
+        loss = nll + eps * (picked - mean_logit)
+    out = (jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(nll * weights))
     # e in [0, 1] is kept (and fed to the backward matmuls) in the compute dtype.
     return out, (x, w, targets, weights, e.astype(x.dtype), sums)
 
@@ -90,16 +110,24 @@ def _exp_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return e, sums, top[..., 0] + jnp.log(sums)
 
 
-def _projected_ce_bwd(res, g):
+def _projected_ce_bwd(eps, res, g):
     x, w, targets, weights, e, sums = res
-    gw = weights * g[0]  # [tokens]; the summed weight does not depend on x or w
-    row = (gw / sums)[:, None]  # the softmax's 1 / s, times the loss weight
+    g_loss, _, g_nll = g  # the summed weight does not depend on x or w
+    # Per token, the logit gradient is a * softmax - b * onehot - (c / vocab) * ones:
+    on_logz = weights * (g_loss + g_nll)
+    on_picked = weights * ((1.0 - eps) * g_loss + g_nll)
+    on_mean = weights * (eps * g_loss)
+    row = (on_logz / sums)[:, None]  # the softmax's 1 / s, times its coefficient
     f32 = dict(preferred_element_type=jnp.float32)
+    xf = x.astype(jnp.float32)
     ex = jnp.einsum("nv,vd->nd", e, w.astype(e.dtype), **f32)  # [tokens, d]
-    dx = row * ex - gw[:, None] * w[targets].astype(jnp.float32)
-    xs = (row * x.astype(jnp.float32)).astype(e.dtype)
+    dx = row * ex - on_picked[:, None] * w[targets].astype(jnp.float32)
+    xs = (row * xf).astype(e.dtype)
     dw = jnp.einsum("nd,nv->dv", xs, e, **f32).T  # [vocab, d]
-    dw = dw.at[targets].add(-gw[:, None] * x.astype(jnp.float32))
+    dw = dw.at[targets].add(-on_picked[:, None] * xf)
+    if eps:
+        dx = dx - on_mean[:, None] * jnp.mean(w.astype(jnp.float32), axis=0)
+        dw = dw - (on_mean @ xf / w.shape[0])[None, :]
     return dx.astype(x.dtype), dw.astype(w.dtype), None, jnp.zeros_like(weights)
 
 

@@ -322,7 +322,7 @@ def lm_loss_fn(model: GPT):
         )
         w = params["wte"]["embedding"].astype(model.dtype)  # [vocab, d_model]
         weights = jnp.ones(batch["targets"].shape, jnp.float32)
-        total, count = projected_cross_entropy(x, w, batch["targets"], weights)
+        total, count, _ = projected_cross_entropy(x, w, batch["targets"], weights)
         return total / count, {}
 
     return loss_fn

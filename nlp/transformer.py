@@ -14,7 +14,7 @@
 * Section 3.5: fixed sinusoidal positions added to the embeddings.
 * Section 5.4: dropout ``P_drop`` (0.1 base, 0.3 big) on each sub-layer output before the
   residual addition and on the sums of embeddings and positions; label smoothing
-  ``eps_ls = 0.1`` (``common.losses.cross_entropy(label_smoothing=...)``).
+  ``eps_ls = 0.1`` (``common.losses.projected_cross_entropy(label_smoothing=...)``).
 * Section 6.1: beam search with beam 4 and length penalty ``alpha = 0.6`` (Wu et al. 2016's
   ``lp(Y) = ((5 + |Y|) / 6) ** alpha``), maximum output length input length + 50 with early
   termination. The warmup + inverse-square-root learning rate (eq. 3) is
@@ -47,7 +47,7 @@ import numpy as np
 from common import masks, presets
 from common.attention import IMPLEMENTATIONS, dot_product_attention
 from common.layers import ACTIVATIONS, MLP, flat_dot_general, layer_norm
-from common.losses import cross_entropy
+from common.losses import projected_cross_entropy
 from common.positional import sinusoidal_table
 
 Array = jax.Array
@@ -377,8 +377,15 @@ class Transformer(nn.Module):
         cache: dict[str, Any] | None = None,
         cache_index: Array | int = 0,  # absolute position of tgt[:, 0] when caching
         deterministic: bool = True,
+        features_only: bool = False,
     ):
-        """Logits ``[batch, tgt_len, vocab]`` (float32); with a cache ``(logits, new_cache)``."""
+        """Logits ``[batch, tgt_len, vocab]`` (float32); with a cache ``(logits, new_cache)``.
+
+        ``features_only``: the last decoder layer's output ``[batch, tgt_len, d_model]``
+        instead of logits, for a loss that applies the tied projection itself
+        (``translation_loss_fn``; the output projection is always tied to the target
+        embedding).
+        """
         self._check_tokens(tgt, "target")
         length = tgt.shape[1]
         positions = cache_index + jnp.arange(length)  # [tgt_len]
@@ -408,6 +415,8 @@ class Transformer(nn.Module):
             )
             if cache is not None:
                 new_cache["self"][layer.name] = layer_cache
+        if features_only:
+            return x if cache is None else (x, new_cache)
         logits = self.embed.attend(x).astype(jnp.float32)  # [batch, tgt_len, vocab]
         return logits if cache is None else (logits, new_cache)
 
@@ -418,12 +427,16 @@ class Transformer(nn.Module):
         src_mask: Array | None = None,  # [batch, src_len] bool, True = real token
         *,
         deterministic: bool = True,
+        features_only: bool = False,
     ) -> Array:
-        """Teacher-forced logits ``[batch, tgt_len, vocab]`` (float32)."""
+        """Teacher-forced logits ``[batch, tgt_len, vocab]`` (float32); ``features_only``: the
+        decoder's output ``[batch, tgt_len, d_model]`` instead (see ``decode``)."""
         if src.shape[0] != tgt.shape[0]:
             raise ValueError(f"source batch {src.shape[0]} != target batch {tgt.shape[0]}")
         memory = self.encode(src, src_mask, deterministic=deterministic)
-        return self.decode(tgt, memory, src_mask, deterministic=deterministic)
+        return self.decode(
+            tgt, memory, src_mask, deterministic=deterministic, features_only=features_only
+        )
 
 
 # Section 6.1 / table 3: base and big, with the 37000-token shared BPE vocabulary of WMT
@@ -462,20 +475,28 @@ def translation_loss_fn(model: Transformer, label_smoothing: float = 0.1):
 
     ``batch``: ``src`` ``[b, S]``, ``tgt_in`` / ``tgt_out`` ``[b, T]`` int, optional bool
     ``src_mask`` ``[b, S]`` and float ``tgt_weights`` ``[b, T]`` (0 on padding). Dropout is on.
+    The tied output projection and the loss are one ``projected_cross_entropy`` (the same
+    values as ``cross_entropy`` of the logits, a leaner backward pass over the vocab-sized
+    arrays).
     """
 
     def loss_fn(params, batch, rng):
-        logits = model.apply(
+        x = model.apply(
             {"params": params},
             batch["src"],
             batch["tgt_in"],
             batch.get("src_mask"),
             deterministic=False,
             rngs={"dropout": rng},
+            features_only=True,
+        )  # [b, T, d_model]
+        w = params["embed"]["embedding"].astype(model.dtype)  # [vocab, d_model]
+        weights = batch.get("tgt_weights")
+        if weights is None:
+            weights = jnp.ones(batch["tgt_out"].shape, jnp.float32)
+        total, count, nll = projected_cross_entropy(
+            x, w, batch["tgt_out"], weights, label_smoothing
         )
-        w = batch.get("tgt_weights")
-        total, count = cross_entropy(logits, batch["tgt_out"], w, label_smoothing)
-        nll, _ = cross_entropy(logits, batch["tgt_out"], w)
         count = jnp.maximum(count, 1.0)
         return total / count, {"nll": nll / count}
 

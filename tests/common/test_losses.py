@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from common.losses import cross_entropy, projected_cross_entropy
 
@@ -18,7 +19,7 @@ def _inputs(dtype=jnp.float32):
 
 def _mean(loss):
     def f(x, w, targets, weights):
-        total, count = loss(x, w, targets, weights)
+        total, count = loss(x, w, targets, weights)[:2]
         return total / count
 
     return f
@@ -31,7 +32,9 @@ def _composed(x, w, targets, weights):
 
 def test_projected_cross_entropy_equals_the_composition():
     args = _inputs()
-    np.testing.assert_allclose(projected_cross_entropy(*args), _composed(*args), rtol=1e-6)
+    total, count, nll = projected_cross_entropy(*args)
+    np.testing.assert_allclose((total, count), _composed(*args), rtol=1e-6)
+    assert float(nll) == float(total)  # no smoothing: the loss is the NLL
     g_new = jax.grad(_mean(projected_cross_entropy), (0, 1))(*args)
     g_ref = jax.grad(_mean(_composed), (0, 1))(*args)
     for new, ref in zip(g_new, g_ref, strict=True):
@@ -44,7 +47,7 @@ def test_projected_cross_entropy_equals_the_composition():
 def test_projected_cross_entropy_in_bfloat16_keeps_dtypes():
     dtype = jnp.bfloat16
     x, w, targets, weights = _inputs(dtype)
-    total, count = projected_cross_entropy(x, w, targets, weights)
+    total, count, _ = projected_cross_entropy(x, w, targets, weights)
     assert total.dtype == jnp.float32  # logits accumulate in float32
     np.testing.assert_allclose(total, _composed(x, w, targets, weights)[0], rtol=1e-2)
     dx, dw = jax.grad(_mean(projected_cross_entropy), (0, 1))(x, w, targets, weights)
@@ -55,7 +58,7 @@ def test_projected_cross_entropy_is_stable_for_large_logits():
     """Logits in the hundreds (exp overflows float32 past ~88): the max is taken out first."""
     x, w, targets, weights = _inputs()
     w = 200.0 * w
-    total, _ = projected_cross_entropy(x, w, targets, weights)
+    total, _, _ = projected_cross_entropy(x, w, targets, weights)
     assert np.isfinite(float(total))
     np.testing.assert_allclose(total, _composed(x, w, targets, weights)[0], rtol=1e-6)
     g_new = jax.grad(_mean(projected_cross_entropy), (0, 1))(x, w, targets, weights)
@@ -81,3 +84,28 @@ def test_projected_cross_entropy_bfloat16_gradient_is_close():
     for new, ref in zip(g_new, g_ref, strict=True):
         scale = float(jnp.abs(ref).max())
         np.testing.assert_allclose(new.astype(jnp.float32), ref, atol=2e-2 * scale)
+
+
+def test_projected_cross_entropy_with_label_smoothing():
+    """Smoothed loss and unsmoothed NLL, values and gradients (through both outputs at once)
+    against ``cross_entropy`` of the logits (torch's ``label_smoothing`` definition)."""
+    x, w, targets, weights = _inputs()
+    targets = targets.at[0, :3].set(5)  # repeated targets
+
+    def combine(smoothed, nll, count):
+        return smoothed / count + 0.3 * nll / count
+
+    def new(x, w):
+        total, count, nll = projected_cross_entropy(x, w, targets, weights, 0.1)
+        return combine(total, nll, count)
+
+    def ref(x, w):
+        logits = jnp.einsum("btd,vd->btv", x, w)
+        total, count = cross_entropy(logits, targets, weights, label_smoothing=0.1)
+        return combine(total, cross_entropy(logits, targets, weights)[0], count)
+
+    np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-6)
+    for a, b in zip(jax.grad(new, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="label smoothing must be in"):
+        projected_cross_entropy(x, w, targets, weights, 1.0)

@@ -263,6 +263,35 @@ def test_translation_loss_trains_with_dropout():
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+def test_translation_loss_equals_cross_entropy_of_the_logits():
+    """The fused projection + smoothed loss: the same value, metric and gradients as
+    ``cross_entropy`` over the model's logits (dropout off so both see the same function)."""
+    model = tr.from_preset("transformer-tiny", dropout=0.0)
+    batch = {
+        "src": jax.random.randint(jax.random.key(0), (2, 6), 3, 96),
+        "src_mask": jnp.ones((2, 6), bool).at[1, -2:].set(False),
+        "tgt_in": jax.random.randint(jax.random.key(1), (2, 5), 3, 96),
+        "tgt_out": jax.random.randint(jax.random.key(2), (2, 5), 3, 96),
+        "tgt_weights": jnp.ones((2, 5)).at[1, -2:].set(0.0),
+    }
+    params = nn.unbox(model.init(jax.random.key(3), batch["src"], batch["tgt_in"]))["params"]
+
+    def ref(params, batch, rng):
+        logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], batch["src_mask"])
+        w = batch["tgt_weights"]
+        total, count = cross_entropy(logits, batch["tgt_out"], w, label_smoothing=0.1)
+        return total / count, {"nll": cross_entropy(logits, batch["tgt_out"], w)[0] / count}
+
+    new = tr.translation_loss_fn(model, label_smoothing=0.1)
+    rng = jax.random.key(4)
+    (l_new, aux_new), g_new = jax.value_and_grad(new, has_aux=True)(params, batch, rng)
+    (l_ref, aux_ref), g_ref = jax.value_and_grad(ref, has_aux=True)(params, batch, rng)
+    np.testing.assert_allclose(l_new, l_ref, rtol=1e-6)
+    np.testing.assert_allclose(aux_new["nll"], aux_ref["nll"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
