@@ -113,7 +113,8 @@ def _exp_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def _projected_ce_bwd(eps, res, g):
     x, w, targets, weights, e, sums = res
     g_loss, _, g_nll = g  # the summed weight does not depend on x or w
-    # Per token, the logit gradient is a * softmax - b * onehot - (c / vocab) * ones:
+    # Per token, the logit gradient is
+    #   on_logz * softmax - on_picked * onehot - (on_mean / vocab) * ones:
     on_logz = weights * (g_loss + g_nll)
     on_picked = weights * ((1.0 - eps) * g_loss + g_nll)
     on_mean = weights * (eps * g_loss)
