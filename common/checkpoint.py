@@ -12,11 +12,15 @@ A checkpoint step holds three items:
 Orbax writes each step into a temporary directory and renames it when complete, so a kill
 mid-save leaves the previous steps whole. A step that is present but unreadable (a
 corrupted or truncated file) is skipped with a warning, falling back to the newest readable
-one; garbage is never loaded silently.
+one, and is then moved aside to ``<step>.unreadable`` (kept for inspection, out of orbax's
+way: orbax silently skips saving a step number that already exists). Garbage is never
+loaded silently. A checkpoint whose state tree differs from the run's (an optimizer with or
+without clipping or a parameter EMA, say) is refused as a config mismatch, not as damage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -59,6 +63,18 @@ def _diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
 
 
+def _leaf_paths(tree: Any) -> set[tuple[str, ...]]:
+    """The leaves' key paths as plain strings (attribute, dict key and index alike)."""
+
+    def name(k):
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return {tuple(map(name, p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
     """Save and restore ``(state, data_state)`` in ``directory``.
 
@@ -71,7 +87,8 @@ class Checkpointer:
         self, directory: str, *, meta: dict[str, Any], max_to_keep: int = 3, async_save: bool = True
     ):
         self.directory = os.path.abspath(directory)
-        self.meta = meta
+        # As it will read back from JSON (tuples become lists); fails now if not JSON-able.
+        self.meta = json.loads(json.dumps(meta))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
@@ -79,7 +96,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+            self.directory,
+            options=options,
+            item_handlers={  # named up front so item_metadata can read a step before any save
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -107,19 +130,35 @@ class Checkpointer:
                 + ". Use a fresh --workdir, or the same config."
             )
 
+    def check_structure(self, step: int, abstract_state: Any) -> None:
+        """Raises ``ConfigMismatchError`` if ``step`` holds a state tree of another shape."""
+        saved = _leaf_paths(self.manager.item_metadata(step)["state"])
+        current = _leaf_paths(abstract_state)
+        if saved != current:
+            only_saved, only_current = sorted(saved - current), sorted(current - saved)
+            raise ConfigMismatchError(
+                f"{self.directory} step {step} holds a train state of another structure "
+                f"(only in the checkpoint: {only_saved[:4]}; only in this run: "
+                f"{only_current[:4]}), e.g. an optimizer with or without gradient clipping "
+                "or a parameter EMA. Use a fresh --workdir, or the same config."
+            )
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """Newest readable ``(step, state, data_state)``, or None when there is none.
 
         ``abstract_state``: a tree of ``jax.ShapeDtypeStruct`` with shardings (or concrete
-        arrays) giving the target structure and placement.
+        arrays) giving the target structure and placement. Unreadable steps newer than the
+        one restored are moved aside to ``<step>.unreadable``.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        self.check_meta(steps[0])
-        for i, step in enumerate(steps):
+        errors = []
+        for step in steps:
             try:
+                self.check_meta(step)
+                self.check_structure(step, abstract_state)
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -127,22 +166,37 @@ class Checkpointer:
                         data=ocp.args.JsonRestore(),
                     ),
                 )
+            except ConfigMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, loudly
-                older = steps[i + 1] if i + 1 < len(steps) else None
+                errors.append(f"step {step}: {type(e).__name__}: {e}")
                 log.warning(
-                    "checkpoint step %d in %s is unreadable (%s: %s); falling back to %s",
+                    "checkpoint step %d in %s is unreadable (%s: %s); trying the next older",
                     step,
                     self.directory,
                     type(e).__name__,
                     e,
-                    f"step {older}" if older is not None else "nothing",
                 )
                 continue
+            self._set_aside(steps[: len(errors)])
             return step, restored.state, dict(restored.data)
         raise RuntimeError(
-            f"no checkpoint in {self.directory} is readable (steps {steps}); "
-            "move the directory away to start afresh"
+            f"no checkpoint in {self.directory} is readable (steps {steps}): {errors[0]}. "
+            "Move the directory away to start afresh."
         )
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories to ``<step>.unreadable``, out of orbax's way."""
+        for step in steps:
+            path = os.path.join(self.directory, str(step))
+            aside = f"{path}.unreadable"
+            n = 1
+            while os.path.exists(aside):
+                aside, n = f"{path}.unreadable{n}", n + 1
+            os.rename(path, aside)
+            log.warning("moved unreadable checkpoint step %d to %s", step, aside)
+        if steps:
+            self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,5 +1,6 @@
 """Checkpoints: round trip, restore onto another device count, fallback from a corrupted
-latest step, refusal of a workdir written under another config."""
+latest step (which is then moved aside, so the step can be saved again), refusal of a
+workdir written under another config or with another state structure."""
 
 import logging
 import os
@@ -62,6 +63,42 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, caplog):
     assert step == 1 and data == {"step": 1}
     np.testing.assert_array_equal(restored["w"], np.arange(64).reshape(8, 8))
     assert "step 2" in caplog.text and "unreadable" in caplog.text
+    # The bad step is kept for inspection but out of the way: step 2 can be written again.
+    assert (tmp_path / "2.unreadable").is_dir() and ckpt.latest_step() == 1
+    ckpt.save(2, jax.tree.map(lambda x: x + 7, restored), {"step": 2})
+    ckpt.close()
+    step, restored, _ = Checkpointer(str(tmp_path), meta={}).restore_latest(state)
+    assert step == 2
+    np.testing.assert_array_equal(restored["w"], np.arange(64).reshape(8, 8) + 7)
+
+
+def test_corrupted_meta_falls_back_and_nothing_readable_names_the_error(tmp_path):
+    mesh = sharding.make_mesh()
+    ckpt = Checkpointer(str(tmp_path), meta={"a": [1, (2, 3)]}, async_save=False)
+    state = make_state(mesh)
+    ckpt.save(1, state, {"step": 1})
+    ckpt.save(2, state, {"step": 2})
+    ckpt.close()
+    (tmp_path / "2" / "meta" / "metadata").write_text("{not json")
+    ckpt = Checkpointer(str(tmp_path), meta={"a": [1, (2, 3)]})  # nested tuples read back
+    assert ckpt.restore_latest(state)[0] == 1
+    ckpt.close()
+    (tmp_path / "1" / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(RuntimeError, match=r"no checkpoint .* is readable .*step 1: .*Error"):
+        Checkpointer(str(tmp_path), meta={"a": [1, (2, 3)]}).restore_latest(state)
+
+
+def test_other_state_structure_is_a_config_mismatch(tmp_path):
+    mesh = sharding.make_mesh()
+    ckpt = Checkpointer(str(tmp_path), meta={}, async_save=False)
+    ckpt.save(1, make_state(mesh), {"step": 1})
+    ckpt.close()
+    target = {**make_state(mesh), "ema": jnp.zeros((8, 8))}
+    with pytest.raises(
+        ConfigMismatchError, match=r"another structure .*only in this run: \[\('ema',\)\]"
+    ):
+        Checkpointer(str(tmp_path), meta={}).restore_latest(target)
+    assert (tmp_path / "1").is_dir()  # a mismatch moves nothing aside
 
 
 def test_other_config_is_refused(tmp_path):
