@@ -2,12 +2,14 @@
 
 * ``TrainState`` holds only arrays (step, params, optimizer state), so it checkpoints as is.
 * ``make_train_step`` returns the pure function ``(state, batch, rng) -> (state, metrics)``
-  with gradient accumulation (a ``lax.scan`` over micro-batches, so an accumulated step
-  equals the big-batch step) and the rng folded with the step, so a resumed run draws the
-  same dropout masks as an uninterrupted one.
+  with gradient accumulation (a ``lax.scan`` over micro-batches averaging their mean losses
+  and gradients: the big-batch step when every micro-batch's loss is a mean over equally
+  many terms; a loss weighted per row, like BERT's MLM over masked positions, weighs the
+  micro-batches equally instead) and the rng folded with the step, so a resumed run draws
+  the same dropout masks as an uninterrupted one.
 * ``train`` is the loop every experiment uses: mesh, sharded init, auto-resume, jit with
   explicit shardings and donated state, logging, evaluation, checkpoints, and a clean stop on
-  a non-finite loss that leaves the last good checkpoint in place.
+  a non-finite loss or non-finite parameters that leaves the last good checkpoint in place.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss, or NaN or infinite parameters."""
 
 
 class DataIterator(Protocol):
@@ -238,14 +240,18 @@ def train(
             is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps
             if is_log or is_ckpt:
                 metrics = jax.device_get(metrics)
-                if not math.isfinite(float(metrics["loss"])):
+                # The loss is computed before the update: a finite loss with non-finite
+                # gradients still leaves non-finite parameters, which must not be saved.
+                loss, param_norm = float(metrics["loss"]), float(metrics["param_norm"])
+                if not (math.isfinite(loss) and math.isfinite(param_norm)):
                     kept = (
                         f"The last good checkpoint (step {last_good}) in {ckpt.directory} is kept."
                         if last_good is not None
                         else "No checkpoint was saved."
                     )
                     raise NonFiniteLossError(
-                        f"loss is {float(metrics['loss'])} at step {done}; stopping. {kept}"
+                        f"loss is {loss} and the parameters' norm {param_norm} at step {done}; "
+                        f"stopping. {kept}"
                     )
             if is_log:
                 if steps_since:

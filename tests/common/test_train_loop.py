@@ -1,6 +1,7 @@
-"""The training loop: a non-finite loss stops the run with a clear message and keeps the last
-good checkpoint; a second start on the same workdir resumes, parameter EMA included, and
-evaluation sees the EMA. (Plumbing: synthetic tokens.)"""
+"""The training loop: a non-finite loss (or non-finite parameters under a finite loss) stops
+the run with a clear message and keeps the last good checkpoint; a second start on the same
+workdir resumes, parameter EMA included, and evaluation sees the EMA. (Plumbing: synthetic
+tokens.)"""
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +46,19 @@ def config(steps, ema_decay=0.0):
     )
 
 
-def run(workdir, steps, poison_at=-1, ema_decay=0.0, evaluate=None):
+def run(workdir, steps, poison_at=-1, ema_decay=0.0, evaluate=None, poison_grads=False):
+    """``poison_grads``: the poisoned batch keeps the loss finite but makes the gradients NaN."""
     model = gpt.from_preset("gpt-tiny")
     base = gpt.lm_loss_fn(model)
 
     def loss_fn(params, batch, rng):
         loss, aux = base(params, batch, rng)
-        return jnp.where(batch["poison"].any(), jnp.nan, loss), aux
+        poison = batch["poison"].any()
+        if not poison_grads:
+            return jnp.where(poison, jnp.nan, loss), aux
+        s = jax.tree.leaves(params)[0].sum()
+        x = jnp.where(poison, jnp.abs(s - jax.lax.stop_gradient(s)), 1.0)  # 0 when poisoned
+        return loss + jnp.where(poison, jnp.sqrt(x), 0.0), aux  # value + 0, gradient 0 * inf
 
     tokens = np.random.default_rng(0).integers(0, 128, 4000)
     data = Poisoned(tokens, 16, 8, seed=0)
@@ -69,7 +76,8 @@ def run(workdir, steps, poison_at=-1, ema_decay=0.0, evaluate=None):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(
-        training.NonFiniteLossError, match=r"loss is nan at step 6.*last good checkpoint \(step 4\)"
+        training.NonFiniteLossError,
+        match=r"loss is nan and .* at step 6.*last good checkpoint \(step 4\)",
     ):
         run(tmp_path, steps=10, poison_at=5)
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), meta={"model": "gpt-tiny"})
@@ -79,6 +87,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     result = run(tmp_path, steps=10)
     assert result.resumed_from == 4
     assert int(result.state.step) == 10
+
+
+def test_non_finite_parameters_under_a_finite_loss_are_never_saved(tmp_path):
+    with pytest.raises(
+        training.NonFiniteLossError,
+        match=r"loss is [0-9.]+ and the parameters' norm nan at step 4.*checkpoint \(step 2\)",
+    ):
+        run(tmp_path, steps=10, poison_at=3, poison_grads=True)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), meta={"model": "gpt-tiny"})
+    assert ckpt.latest_step() == 2
+    ckpt.close()
 
 
 def test_parameter_ema_resumes_exactly_and_is_what_evaluation_sees(tmp_path):
