@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from nlp import bert, gpt, transformer
+from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from vision import clip, swin, vit
 
 # A family yields (name, init) or (name, init, lower): ``init()`` builds the variables,
@@ -36,9 +36,10 @@ Lower = Callable[[object], jax.stages.Lowered]
 Entry = tuple[str, Init] | tuple[str, Init, Lower]
 
 
-def _gpt() -> Iterator[tuple[str, Callable[[], object]]]:
-    for name in gpt.PRESETS:
-        model = gpt.from_preset(name)
+def _lm(module) -> Iterator[tuple[str, Callable[[], object]]]:
+    """Decoder-only LMs (GPT, the Sparse Transformer, T-D / T-DMCA): tokens in, logits out."""
+    for name in module.PRESETS:
+        model = module.from_preset(name)
         yield name, lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
 
 
@@ -84,7 +85,9 @@ def _clip() -> Iterator[Entry]:
 
 # One entry per family; later families add theirs here.
 FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
-    _gpt,
+    lambda: _lm(gpt),
+    lambda: _lm(sparse_transformer),
+    lambda: _lm(long_lm),
     _transformer,
     _bert,
     lambda: _images(vit),

@@ -173,11 +173,11 @@ class LongLM(nn.Module):
                 )
         if self.d_model % self.num_heads:
             p.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
-        if self.local_block > self.max_len:
+        if "L" in self.layer_pattern and self.local_block > self.max_len:
             p.append(
                 f"local_block={self.local_block} does not fit the sequence (max_len={self.max_len})"
             )
-        if self.compress_stride > self.max_len:
+        if "M" in self.layer_pattern and self.compress_stride > self.max_len:
             p.append(
                 f"compress_stride={self.compress_stride} does not fit the sequence "
                 f"(max_len={self.max_len})"

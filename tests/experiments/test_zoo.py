@@ -5,15 +5,17 @@ Swin paper's published figure)."""
 import pytest
 
 from experiments import zoo
-from nlp import gpt
+from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from vision import clip, swin, vit
+
+MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip)
 
 
 def test_zoo_lists_every_preset_once():
     listed = list(zoo.presets())
     rows = dict(listed)
     assert len(rows) == len(listed)
-    assert set(gpt.PRESETS) | set(vit.PRESETS) | set(swin.PRESETS) | set(clip.PRESETS) <= set(rows)
+    assert set(rows) == {name for module in MODULES for name in module.PRESETS}
     assert rows["vit-b/16"] == 86_567_656  # ViTForImageClassification, 1000 classes
     assert rows["swin-t"] == 28_288_354  # SwinForImageClassification
     assert rows["gpt2-small"] == 124_439_808  # GPT2LMHeadModel, tied head counted once
