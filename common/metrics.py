@@ -89,7 +89,7 @@ _SHOWN = (
     "lr",
     "grad_norm",
     "tokens_per_s",
-    "examples_per_s",
+    "images_per_s",
     "mfu",
     "bits_per_char",
     "accuracy",

@@ -44,14 +44,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
-# TensorFlow claims all accelerator memory when it first sees a GPU; JAX runs beside it.
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF's devices were already initialised by an earlier import.
-    pass
+from common.data.tfds_io import as_str, tf, tfds
 
 EN_MODULE = "engWEB2015eb"  # World English Bible (Debian sword-text-web)
 ES_MODULE = "spaRV1909eb"  # Reina-Valera 1909 (Debian sword-text-sparv)
@@ -274,10 +267,6 @@ class BibleEnEs(tfds.core.GeneratorBasedBuilder):
             )
 
 
-def _as_str(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def load_examples(split: str, data_dir: str | None = None) -> list[dict]:
     """The verse pairs of `split` as dicts (`en`, `es`, `book`, `ref`, `chapter`, `verse`,
     `index`) in canonical order. Prepares `bible_en_es` (array_record, ~20 s) into
@@ -291,7 +280,7 @@ def load_examples(split: str, data_dir: str | None = None) -> list[dict]:
         ex = source[i]
         out.append(
             {
-                **{k: _as_str(ex[k]) for k in ("en", "es", "book", "ref")},
+                **{k: as_str(ex[k]) for k in ("en", "es", "book", "ref")},
                 **{k: int(ex[k]) for k in ("chapter", "verse", "index")},
             }
         )

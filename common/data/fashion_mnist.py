@@ -26,14 +26,8 @@ import pathlib
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-# TensorFlow claims all accelerator memory when it first sees a GPU; JAX runs beside it.
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF's devices were already initialised by an earlier import.
-    pass
+from common.data.tfds_io import tfds
 
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 # Where the Debian package puts the files; FASHION_MNIST_DIR overrides it.
@@ -89,8 +83,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Header: two zero bytes, the type byte (0x08 = uint8), the rank byte, then one
     big-endian uint32 per dimension; the data follow in C order.
     """
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # not gzip, or truncated
+        raise ValueError(f"{path} is not a readable gzip idx file: {e}") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE:
         raise ValueError(f"{path} is not an idx file of unsigned bytes (header {data[:4]!r})")
     rank = data[3]

