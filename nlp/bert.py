@@ -94,7 +94,7 @@ class Bert(nn.Module):
 
     def __post_init__(self):
         problems = []
-        if self.d_model % self.num_heads:
+        if self.num_heads > 0 and self.d_model % self.num_heads:
             problems.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
         if self.attention_impl not in IMPLEMENTATIONS:
             problems.append(

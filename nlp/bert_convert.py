@@ -2,7 +2,8 @@
 
 Supported sources: state dicts of ``BertForPreTraining`` (``bert.*`` + ``cls.predictions.*``
 + ``cls.seq_relationship.*``), and of ``BertModel`` (no ``bert.`` prefix, no heads; the MLM
-and NSP heads are then missing, so pass ``heads=False`` and use ``Bert.encode``).
+and NSP heads are then missing, so pass ``heads=False`` and use ``Bert.encode``), including
+legacy checkpoints that name LayerNorm parameters ``gamma`` / ``beta``.
 torch ``nn.Linear`` stores ``weight`` as ``[out, in]``; our Dense kernels are ``[in, out]``,
 and our fused attention kernel is ``[d_model, 3 (q|k|v), heads, head_dim]``.
 
@@ -69,6 +70,15 @@ def bert_config_from_hf(hf_config: Any) -> dict[str, Any]:
     )
 
 
+def _legacy_renamed(key: str) -> str:
+    """``LayerNorm.gamma`` / ``LayerNorm.beta`` (the original Google checkpoints, e.g. the
+    first bert-base-uncased pytorch_model.bin) -> ``weight`` / ``bias``, as HF renames on load."""
+    for old, new in (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")):
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
+
+
 def bert_params_from_torch(
     state_dict: str | os.PathLike | Mapping[str, Any],
     model: Bert,
@@ -78,19 +88,22 @@ def bert_params_from_torch(
 ) -> dict[str, Any]:
     """Params for ``model`` from a HF ``BertForPreTraining`` (or ``BertModel``) state dict.
 
-    ``heads=False`` converts only the encoder and pooler (a ``BertModel`` checkpoint); the
-    result then lacks the MLM / NSP leaves, so it is checked against the encoder's leaves
-    only. A ``model`` with ``num_labels > 0`` gets no classifier from here: initialise it
-    and merge. Unused keys raise unless they are buffers or match ``allow_unused``.
+    ``heads=False`` converts only the encoder and pooler (a ``BertModel`` checkpoint, whose
+    keys get the ``bert.`` prefix when none has it); the result then lacks the MLM / NSP
+    leaves, so it is checked against the encoder's leaves only (from a ``BertForPreTraining``
+    dict, pass ``allow_unused=(r"^cls\\.",)``). Legacy ``LayerNorm.gamma`` / ``beta`` names
+    are read as ``weight`` / ``bias``, as Hugging Face does. A ``model`` with
+    ``num_labels > 0`` gets no classifier from here: initialise it and merge. Unused keys
+    raise unless they are buffers or match ``allow_unused``.
     """
     if model.num_labels:
         raise ValueError(
             "convert into a Bert with num_labels=0 (the checkpoint has no classifier), then "
             "add the freshly initialised classifier params"
         )
-    sd = convert.load_state_dict(source=state_dict)
-    if not heads:
-        sd = {k if k.startswith("bert.") else f"bert.{k}": v for k, v in sd.items()}
+    sd = {_legacy_renamed(k): v for k, v in convert.load_state_dict(source=state_dict).items()}
+    if not heads and not any(k.startswith("bert.") for k in sd):  # a bare BertModel dict
+        sd = {f"bert.{k}": v for k, v in sd.items()}
     sd = convert.StateDict(sd, what="bert state dict")
     d, h, ff, L, V = model.d_model, model.num_heads, model.d_ff, model.num_layers, model.vocab_size
     dh = d // h

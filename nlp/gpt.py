@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from common import masks, presets
 from common.attention import IMPLEMENTATIONS, MultiHeadAttention
-from common.layers import MLP, layer_norm
+from common.layers import ACTIVATIONS, MLP, layer_norm
 from common.losses import projected_cross_entropy
 from common.positional import LearnedPositional
 
@@ -142,7 +142,7 @@ class GPT(nn.Module):
 
     def __post_init__(self):
         problems = []
-        if self.d_model % self.num_heads:
+        if self.num_heads > 0 and self.d_model % self.num_heads:
             problems.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
         if self.attention not in ATTENTION_PATTERNS:
             problems.append(f"attention={self.attention!r} is not one of {ATTENTION_PATTERNS}")
@@ -164,6 +164,8 @@ class GPT(nn.Module):
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            problems.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
         if problems:
             raise ValueError("invalid GPT config: " + "; ".join(problems))
         super().__post_init__()

@@ -43,7 +43,7 @@ import numpy as np
 from common import presets
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
-from common.layers import StackedDense, flat_dot_general, layer_norm
+from common.layers import ACTIVATIONS, StackedDense, flat_dot_general, layer_norm
 from common.positional import sinusoidal_table
 from nlp.sparse_transformer import REMAT_POLICIES, remat_block
 
@@ -60,7 +60,7 @@ class LongAttention(nn.Module):
     local_look_back: bool = False
     compress_kernel: int = 3
     compress_stride: int = 3
-    attn_dropout: float = 0.0  # on the attention weights (L and M layers)
+    attn_dropout: float = 0.0  # on the attention weights (every kind: D, L and M)
     deterministic: bool = True
     init_std: float = 0.02
     out_init_std: float = 0.02
@@ -171,7 +171,7 @@ class LongLM(nn.Module):
                     f"layer_pattern={self.layer_pattern!r} has unknown letter(s) {unknown}; "
                     f"known: {', '.join(f'{k} = {v}' for k, v in LAYER_KINDS.items())}"
                 )
-        if self.d_model % self.num_heads:
+        if self.d_model % self.num_heads:  # num_heads > 0: checked above
             p.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
         if "L" in self.layer_pattern and self.local_block > self.max_len:
             p.append(
@@ -189,6 +189,8 @@ class LongLM(nn.Module):
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 p.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            p.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
         return p
 
     @property

@@ -300,9 +300,12 @@ class TorchMultiheadAttention(nn.Module):
             return allowed, bias
 
         if self.add_bias_kv:
-            init = nn.with_logical_partitioning(
-                nn.initializers.xavier_normal(in_axis=-2, out_axis=-1), (None, None, "heads")
+            # torch's xavier_normal_ on [1, 1, E]: fan_in = size(1) * E, fan_out = size(0) * E,
+            # so std = sqrt(2 / (E + E)) = sqrt(1 / E); an untruncated normal, as torch draws.
+            xavier_normal = nn.initializers.variance_scaling(
+                1.0, "fan_avg", "normal", in_axis=1, out_axis=0
             )
+            init = nn.with_logical_partitioning(xavier_normal, (None, None, "heads"))
             bias_k = self.param("bias_k", init, (1, 1, E), self.param_dtype)
             bias_v = self.param("bias_v", init, (1, 1, E), self.param_dtype)
             k = jnp.concatenate([k, jnp.broadcast_to(bias_k, (n, 1, E)).astype(k.dtype)], axis=1)
@@ -840,7 +843,10 @@ def _mha_flat(sd: _StateDict, m: TorchMultiheadAttention, p: str) -> dict[str, n
             f"embed_dim), but this module has kdim={m.kdim}, vdim={m.vdim}, embed_dim={E}, which "
             "needs separate q/k/v projections"
         )
-    if m.bias and f"{p}in_proj_bias" not in sd:
+    # Diagnose bias=False only when the projection weights are there; otherwise (a wrong
+    # prefix or state dict) the missing-key error below names the missing weight.
+    has_weights = has_packed if m.packed else has_separate
+    if m.bias and has_weights and f"{p}in_proj_bias" not in sd:
         raise ValueError(
             f"{sd.what} has no {p}in_proj_bias: the torch module was built with bias=False; "
             "build this one with bias=False too"

@@ -207,6 +207,8 @@ def test_bad_config_and_input_are_named():
         bert.from_preset("bert-tiny", num_heads=3)
     with pytest.raises(ValueError, match="unknown activation"):
         bert.from_preset("bert-tiny", activation="swish")
+    with pytest.raises(ValueError, match="num_heads=0 must be positive"):  # not ZeroDivision
+        bert.from_preset("bert-tiny", num_heads=0)
     model = bert.from_preset("bert-tiny")
     params = _init(model)
     with pytest.raises(ValueError, match="sequence length 65 exceeds the model's max_len=64"):
@@ -245,6 +247,44 @@ def test_bert_model_state_dict_without_heads(hf_bert, converted):
     assert set(got) < set(want) and "mlm_bias" not in got
     for k, v in got.items():
         np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+
+def test_bert_for_pretraining_state_dict_without_heads(hf_bert, converted):
+    """``heads=False`` on a ``BertForPreTraining`` dict keeps its keys as they are: the
+    ``cls.*`` keys are named as unused (not as invented ``bert.cls.*``), and converting with
+    them allowed gives the encoder."""
+    model, full = converted
+    sd = hf_bert.state_dict()
+    with pytest.raises(ValueError, match=r"does not use.* cls\.predictions") as err:
+        bert_params_from_torch(sd, model, heads=False)
+    assert "bert.cls." not in str(err.value)
+    got = convert.flatten(
+        bert_params_from_torch(sd, model, heads=False, allow_unused=[r"^cls\."])["params"]
+    )
+    want = convert.flatten(full["params"])
+    assert set(got) < set(want) and "mlm_bias" not in got
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+
+def test_legacy_layer_norm_gamma_beta_names(hf_bert, converted):
+    """The original Google checkpoints name LayerNorm parameters gamma / beta; HF renames
+    them to weight / bias on load, and so does the converter."""
+    model, full = converted
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in hf_bert.state_dict().items()
+    }
+    assert sum(k.endswith("LayerNorm.gamma") for k in legacy) == 2 * SMALL["num_hidden_layers"] + 2
+    got = convert.flatten(bert_params_from_torch(legacy, model)["params"])
+    want = convert.flatten(full["params"])
+    assert set(got) == set(want)
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+    bare = {k.removeprefix("bert."): v for k, v in legacy.items() if not k.startswith("cls.")}
+    assert set(bert_params_from_torch(bare, model, heads=False)["params"]) < set(full["params"])
 
 
 def test_config_mapping_and_rejections():

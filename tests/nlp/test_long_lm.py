@@ -129,6 +129,8 @@ def test_greedy_decode_equals_argmax_of_the_full_forward():
         (dict(compress_stride=99), r"compress_stride=99 does not fit the sequence"),
         (dict(num_heads=3), r"num_heads=3 does not divide d_model=32"),
         (dict(remat_policy="all"), r"remat_policy='all'"),
+        (dict(num_heads=0), r"num_heads=0 must be a positive int"),
+        (dict(activation="swish"), r"activation='swish' is not one of"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):

@@ -11,6 +11,7 @@ shows up far above the tolerance.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,6 +306,35 @@ def test_conversion_names_kdim_vdim_mismatches():
         ta.params_from_torch_encoder_layer(
             layer.state_dict(), ta.TorchTransformerEncoderLayer(32, 4, dim_feedforward=48)
         )
+
+
+def test_conversion_with_a_wrong_prefix_names_the_missing_weight():
+    """No projection weights under the prefix: the error names the missing weight, not a
+    bias=False build (which only a present weight without in_proj_bias indicates)."""
+    layer_sd = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64).state_dict()
+    for module, weight in (
+        (ta.TorchMultiheadAttention(32, 4), "in_proj_weight"),
+        (ta.TorchMultiheadAttention(32, 4, kdim=24, vdim=20), "q_proj_weight"),
+    ):
+        for prefix in ("", "self_atn."):  # the whole layer's dict; a misspelt prefix
+            with pytest.raises(ValueError, match=f"missing .*{weight}") as err:
+                ta.params_from_torch_mha(layer_sd, module, prefix=prefix)
+            assert "bias=False" not in str(err.value)
+
+
+def test_bias_kv_init_matches_torch_xavier_normal():
+    """torch's xavier_normal_ on bias_k / bias_v [1, 1, E] has fan_in = fan_out = E, so
+    std sqrt(1 / E) (not sqrt(2 / (E + 1)), what treating them as [E_in=1, E_out] gives)."""
+    E = 1024
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(E, 1, add_bias_kv=True)
+    want = float(torch.cat([ref.bias_k.flatten(), ref.bias_v.flatten()]).detach().std())
+    m = ta.TorchMultiheadAttention(E, 1, add_bias_kv=True, batch_first=True)
+    p = nn.unbox(jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 1, E))))["params"]
+    got = np.concatenate([np.ravel(p["bias_k"]), np.ravel(p["bias_v"])])
+    assert abs(want / (1 / E) ** 0.5 - 1) < 0.1  # torch's own draw: std sqrt(1 / E)
+    assert abs(float(got.std()) / want - 1) < 0.1, (float(got.std()), want)
+    assert np.abs(got).max() > 2.5 * want  # an untruncated normal, as torch draws
 
 
 def test_bad_inputs_raise_clear_errors():
