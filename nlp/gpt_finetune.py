@@ -7,7 +7,8 @@
   (``add_task_tokens``); nothing else about the pre-trained model changes.
 * Head (section 3.2, eq. 3): ``P(y | x) = softmax(h_L[extract] W_y)``, a linear layer on the
   final transformer state at the ``<extract>`` token (the last block's output for GPT-1's
-  post-LN model; after ``ln_f`` for a pre-LN GPT-2/3).
+  post-LN model; after ``ln_f`` for a pre-LN GPT-2/3), with dropout 0.1 on that state
+  during training (section 4.1: "We add dropout to the classifier with a rate of 0.1").
 * Objective (eq. 5): ``L3 = L2 + lambda * L1``, the task cross-entropy plus the language-model
   loss on the same inputs as an auxiliary objective, ``lambda = 0.5``.
 
@@ -115,13 +116,15 @@ class ExtractHead(nn.Module):
     """``W_y`` of eq. 3: logits from the final state at the ``<extract>`` token."""
 
     num_labels: int
+    dropout: float = 0.1  # on the extracted state, before W_y (section 4.1)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, extract: Array) -> Array:
+    def __call__(self, hidden: Array, extract: Array, *, deterministic: bool = True) -> Array:
         # hidden: [batch, len, d_model]; extract: [batch] int -> logits [batch, num_labels].
         h = jnp.take_along_axis(hidden, extract[:, None, None], axis=1)[:, 0]  # [batch, d]
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)  # [batch, d]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         return dense(self.num_labels, ("embed", None), name="out", **kw)(h).astype(jnp.float32)
 
@@ -137,14 +140,22 @@ class GPTClassifier:
 
     gpt: GPT  # its vocab_size includes the three task tokens
     num_labels: int
+    head_dropout: float = 0.1  # ExtractHead.dropout
 
     def __post_init__(self):
         if self.num_labels < 1:
             raise ValueError(f"num_labels={self.num_labels} must be positive")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout={self.head_dropout} must be in [0, 1)")
 
     @property
     def head(self) -> ExtractHead:
-        return ExtractHead(self.num_labels, dtype=self.gpt.dtype, param_dtype=self.gpt.param_dtype)
+        return ExtractHead(
+            self.num_labels,
+            dropout=self.head_dropout,
+            dtype=self.gpt.dtype,
+            param_dtype=self.gpt.param_dtype,
+        )
 
     @property
     def _final(self) -> str:
@@ -169,18 +180,31 @@ class GPTClassifier:
     ) -> tuple[Array, Array]:
         """``(LM logits [b, len, vocab], class logits [b, num_labels])``, float32."""
         final = self._final
-        rngs = None if deterministic else {"dropout": rng}
+        if deterministic:
+            gpt_rngs = head_rngs = None
+        else:
+            if rng is None:
+                raise ValueError("deterministic=False needs an rng for dropout")
+            gpt_rng, head_rng = jax.random.split(rng)
+            gpt_rngs, head_rngs = {"dropout": gpt_rng}, {"dropout": head_rng}
         logits, state = self.gpt.apply(
             {"params": params["gpt"]},
             tokens,
             deterministic=deterministic,
-            rngs=rngs,
+            rngs=gpt_rngs,
             capture_intermediates=lambda mdl, method: mdl.name == final and method == "__call__",
             mutable=["intermediates"],
         )
         out = state["intermediates"][final]["__call__"][0]
         hidden = out if self.gpt.pre_norm else out[0]  # a block returns (x, cache)
-        return logits, self.head.apply({"params": params["head"]}, hidden, extract)
+        class_logits = self.head.apply(
+            {"params": params["head"]},
+            hidden,
+            extract,
+            deterministic=deterministic,
+            rngs=head_rngs,
+        )
+        return logits, class_logits
 
 
 def finetune_loss_fn(clf: GPTClassifier, lm_weight: float = AUX_LM_WEIGHT):

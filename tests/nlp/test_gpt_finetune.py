@@ -15,6 +15,7 @@ import pytest
 from common.losses import cross_entropy
 from nlp import gpt
 from nlp.gpt_finetune import (
+    ExtractHead,
     GPTClassifier,
     TaskTokens,
     add_task_tokens,
@@ -99,8 +100,8 @@ def test_loss_is_task_plus_lambda_lm(classifier):
     rng = np.random.default_rng(1)
     batch = encode_single([rng.integers(0, 100, n) for n in (3, 9, 14, 6)], [0, 1, 2, 1], 16, TASK)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    clf_eval = GPTClassifier(
-        gpt.GPT(**{**_fields(clf.gpt), "dropout": 0.0, "attn_dropout": 0.0}), 3
+    clf_eval = GPTClassifier(  # no dropout anywhere: the training loss is deterministic
+        gpt.GPT(**{**_fields(clf.gpt), "dropout": 0.0, "attn_dropout": 0.0}), 3, head_dropout=0.0
     )
     loss, aux = finetune_loss_fn(clf_eval, 0.5)(params, batch, jax.random.key(0))
     lm, cls = clf_eval.apply(params, batch["tokens"], batch["extract"])
@@ -128,6 +129,52 @@ def _fields(model):
 def test_bad_head_is_named():
     with pytest.raises(ValueError, match="num_labels=0"):
         GPTClassifier(gpt.from_preset("gpt1-tiny"), 0)
+    with pytest.raises(ValueError, match="head_dropout=1.0"):
+        GPTClassifier(gpt.from_preset("gpt1-tiny"), 3, head_dropout=1.0)
+
+
+def test_head_dropout_on_the_extracted_state():
+    """Section 4.1: dropout 0.1 on the classifier. With W_y = identity the logits are the
+    dropped-out state at <extract>: zeros at about the rate, the rest scaled by 1 / (1 - rate);
+    no dropout when deterministic, and no parameters of its own."""
+    d, rate = 256, 0.25
+    head = ExtractHead(d, dropout=rate)
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(8, 5, d)), jnp.float32)
+    extract = jnp.array([0, 1, 2, 3, 4, 4, 2, 0])
+    params = nn.unbox(head.init(jax.random.key(0), hidden, extract))
+    assert jax.tree.map(jnp.shape, params) == {"params": {"out": {"kernel": (d, d), "bias": (d,)}}}
+    params = {"params": {"out": {"kernel": jnp.eye(d), "bias": jnp.zeros(d)}}}
+    state = hidden[jnp.arange(8), extract]  # [batch, d]
+    np.testing.assert_allclose(head.apply(params, hidden, extract), state, atol=1e-6)
+    dropped = head.apply(
+        params, hidden, extract, deterministic=False, rngs={"dropout": jax.random.key(1)}
+    )
+    zero = np.asarray(dropped) == 0
+    assert abs(zero.mean() - rate) < 0.03
+    np.testing.assert_allclose(
+        np.asarray(dropped)[~zero], np.asarray(state / (1 - rate))[~zero], rtol=1e-5
+    )
+    assert (
+        ExtractHead(3).dropout == 0.1
+        and GPTClassifier(gpt.from_preset("gpt1-tiny"), 3).head.dropout == 0.1
+    )
+
+
+def test_classifier_applies_head_dropout_only_in_training(classifier):
+    clf, params = classifier
+    base = {**_fields(clf.gpt), "dropout": 0.0, "attn_dropout": 0.0}
+    tokens, pos = single_input([5, 6, 7], 16, TASK)
+    tokens, extract = jnp.asarray(np.stack([tokens] * 4)), jnp.full((4,), pos)
+    rng = jax.random.key(3)
+    for head_dropout in (0.0, 0.5):
+        clf_d = GPTClassifier(gpt.GPT(**base), 3, head_dropout=head_dropout)
+        lm_eval, cls_eval = clf_d.apply(params, tokens, extract)
+        lm, cls = clf_d.apply(params, tokens, extract, deterministic=False, rng=rng)
+        np.testing.assert_allclose(lm, lm_eval, atol=1e-6)  # the GPT has no dropout here
+        differs = float(jnp.abs(cls - cls_eval).max()) > 1e-4
+        assert differs == (head_dropout > 0), head_dropout
+    with pytest.raises(ValueError, match="needs an rng"):
+        clf_d.apply(params, tokens, extract, deterministic=False)
 
 
 def test_classifier_learns_a_planted_keyword():
