@@ -138,10 +138,13 @@ def dense(
     )
 
 
-def layer_norm(name: str, *, eps: float, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+def layer_norm(
+    name: str, *, eps: float, dtype: Any, param_dtype: Any, use_bias: bool = True
+) -> nn.LayerNorm:
     """LayerNorm with logically partitioned scale/bias; statistics are computed in float32."""
     return nn.LayerNorm(
         epsilon=eps,
+        use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import convert
-from common.layers import activation, flat_dot_general
+from common.layers import activation, flat_dot_general, layer_norm
 
 Array = jax.Array
 Init = Callable[..., Any]
@@ -473,14 +473,8 @@ def _layer_attention(m: Any, **kw: Any) -> TorchMultiheadAttention:
 
 def _torch_layer_norm(m: Any, name: str) -> nn.LayerNorm:
     """``nn.LayerNorm(d_model, eps, bias=bias)``; statistics in float32."""
-    return nn.LayerNorm(
-        epsilon=m.layer_norm_eps,
-        use_bias=m.bias,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        name=name,
+    return layer_norm(
+        name, eps=m.layer_norm_eps, dtype=m.dtype, param_dtype=m.param_dtype, use_bias=m.bias
     )
 
 
