@@ -112,9 +112,16 @@ def ema_params(opt_state: Any) -> Any | None:
     return found[0].ema if found else None
 
 
-def adamw(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def adamw(
+    config: Any, project: optax.GradientTransformation | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping and a weight-decay mask (and, with ``ema_decay > 0``,
-    the parameter EMA of ``param_ema``); returns (tx, schedule)."""
+    the parameter EMA of ``param_ema``); returns (tx, schedule).
+
+    ``project``: a transformation of AdamW's updates that keeps the updated parameters in a
+    constraint set (e.g. ``vision.clip.clamp_logit_scale``); it runs before the EMA, so the
+    EMA averages constrained parameters.
+    """
     sched = schedule(config)
     parts = []
     if config.grad_clip and config.grad_clip > 0:
@@ -129,6 +136,8 @@ def adamw(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
             mask=decay_mask,
         )
     )
+    if project is not None:
+        parts.append(project)
     ema_decay = config.get("ema_decay", 0.0) if hasattr(config, "get") else 0.0
     if ema_decay:
         parts.append(param_ema(ema_decay))

@@ -174,6 +174,7 @@ def train(
     flops_per_step: float | None = None,
     tokens_per_step: int | None = None,
     images_per_step: int | None = None,
+    project: optax.GradientTransformation | None = None,
 ) -> TrainResult:
     """Train for ``config.train.steps`` steps in ``workdir``, resuming if it holds a run.
 
@@ -183,12 +184,12 @@ def train(
     ``evaluate(params, step)`` gets ``eval_params(state)``: the parameter EMA when
     ``optim.ema_decay > 0``.
     Throughput is logged as ``tokens_per_s`` and/or ``images_per_s`` when the tokens or
-    images of one step are given.
+    images of one step are given. ``project``: see ``common.optim.adamw``.
     """
     tc = config.train
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    tx, schedule = adamw(config.optim)
+    tx, schedule = adamw(config.optim, project)
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     state, shardings = create_state(init_fn, tx, mesh, init_rng, rules)

@@ -26,7 +26,9 @@ templates never seen in training (checked) - and each test image gets the class 
 similar embedding. The run prints ``zero_shot_accuracy=<test accuracy>`` and writes
 ``results.json`` (also the accuracy with the training templates, for comparison).
 Chance is 10%. Training uses the platform's trainer (``common.training.train``):
-checkpoints, resume from the workdir, metrics.jsonl and TensorBoard.
+checkpoints, resume from the workdir, metrics.jsonl and TensorBoard; its AdamW is followed
+by ``clip.clamp_logit_scale``, which keeps the temperature parameter in ``[0, log 100]``
+after each step as CLIP does.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from common import sharding as sharding_lib
 from common import training
@@ -271,7 +274,12 @@ def build_model(config, tok: BPETokenizer) -> clip.CLIP:
 
 
 def make_zero_shot(model: clip.CLIP, tokenize, mesh, batch_size: int):
-    """``accuracy(params, images, labels, templates)``: zero-shot top-1 over whole arrays."""
+    """``accuracy(params, images, labels, templates)``: zero-shot top-1 over whole arrays,
+    in batches of ``batch_size`` (the last one padded), each process feeding its rows."""
+    if batch_size % jax.device_count():
+        raise ValueError(
+            f"eval.batch_size={batch_size} is not divisible by {jax.device_count()} devices"
+        )
     classify = jax.jit(lambda p, x, w: model.apply({"params": p}, x, w, method=clip.CLIP.classify))
     rows = sharding_lib.process_batch_slice(batch_size)
 
@@ -284,7 +292,8 @@ def make_zero_shot(model: clip.CLIP, tokenize, mesh, batch_size: int):
             if n < batch_size:  # pad the last batch: one compiled shape
                 x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
             logits = classify(params, sharding_lib.put_batch(x[rows], mesh), weights)
-            pred = np.argmax(np.asarray(jax.device_get(logits)), -1)[:n]
+            logits = multihost_utils.process_allgather(logits, tiled=True)  # [batch, classes]
+            pred = np.argmax(np.asarray(logits), -1)[:n]
             correct += int((pred == labels[start : start + n]).sum())
         return correct / len(labels)
 
@@ -356,7 +365,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         evaluate=evaluate,
         meta=meta,
         flops_per_step=3 * forward,
-        tokens_per_step=bs,  # images per step
+        images_per_step=bs,
+        project=clip.clamp_logit_scale(model.logit_scale_max),
     )
     train_s = time.time() - t_train
     params = result.state.params

@@ -19,9 +19,12 @@ Supervision").
   HF). Attention is causal, so padding after [EOS] never reaches the pooled feature and no
   padding mask is needed.
 * Temperature (section 2.5): a learned ``logit_scale = log(1 / T)`` initialised to
-  ``log(1 / 0.07)``; the multiplier ``exp(logit_scale)`` is clipped at 100 "to prevent
-  scaling the logits by more than 100". OpenAI clamps the parameter after each optimizer
-  step; we clip in the forward pass (``min(exp(s), 100)``), which gives the same logits.
+  ``log(1 / 0.07)``; the multiplier ``exp(logit_scale)`` is "clipped to prevent scaling the
+  logits by more than 100". As in open_clip (and OpenAI's and HF's forward passes), the
+  forward pass uses ``exp(logit_scale)`` as is and training clamps the *parameter* to
+  ``[0, log 100]`` after each optimizer step: chain ``clamp_logit_scale`` after the
+  optimizer. A clip in the forward pass (``min(exp(s), 100)``) would instead have zero
+  gradient at and above the cap, so the temperature could never come back down from it.
 * Activations are ``quick_gelu`` (``x * sigmoid(1.702 x)``) in OpenAI's presets; the field
   ``activation`` takes any of ``common.layers.ACTIVATIONS``.
 * The loss (``contrastive_loss``) is over the *global* batch: under ``jax.jit`` with the
@@ -52,6 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from common import presets
 from common.attention import IMPLEMENTATIONS
@@ -208,7 +212,7 @@ class CLIP(nn.Module):
     ``apply(params, images, tokens)`` returns a dict of float32 arrays:
     ``image_embeds [n_img, proj]`` and ``text_embeds [n_txt, proj]`` (L2-normalised),
     ``logits_per_image [n_img, n_txt]``, ``logits_per_text [n_txt, n_img]`` (its transpose)
-    and ``logit_scale`` (the clipped multiplier ``min(exp(s), 100)``). Methods
+    and ``logit_scale`` (the multiplier ``exp(s)``; see ``clamp_logit_scale``). Methods
     ``encode_image`` / ``encode_text`` give the projected (by default unnormalised, like
     HF's ``get_*_features``) embeddings; ``classify`` scores images against the class
     embeddings from ``zero_shot_weights``. Presets live in ``PRESETS``.
@@ -235,7 +239,7 @@ class CLIP(nn.Module):
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     logit_scale_init: float = math.log(1 / 0.07)  # log of the inverse temperature
-    logit_scale_max: float = 100.0  # the multiplier exp(logit_scale) is clipped here
+    logit_scale_max: float = 100.0  # training clamps exp(logit_scale) to [1, this]
     resize_method: str = "bicubic"  # image positions at another resolution
     remat: bool = False  # recompute each block in the backward pass
     attention_impl: str | None = None  # see common.attention
@@ -283,8 +287,8 @@ class CLIP(nn.Module):
             problems.append(
                 f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
             )
-        if not self.logit_scale_max > 0:
-            problems.append(f"logit_scale_max={self.logit_scale_max} must be positive")
+        if not self.logit_scale_max >= 1:
+            problems.append(f"logit_scale_max={self.logit_scale_max} must be >= 1")
         if problems:
             raise ValueError("invalid CLIP config: " + "; ".join(problems))
         super().__post_init__()
@@ -374,9 +378,9 @@ class CLIP(nn.Module):
     # ----------------------------------------------------------------- encoders
 
     def temperature(self) -> Array:
-        """The logit multiplier ``min(exp(logit_scale), logit_scale_max)`` (float32 scalar)."""
-        scale = jnp.exp(self.logit_scale.astype(jnp.float32))
-        return jnp.minimum(scale, self.logit_scale_max)
+        """The logit multiplier ``exp(logit_scale)`` (float32 scalar). Not clipped here: the
+        cap is ``clamp_logit_scale``'s clamp of the parameter after each training step."""
+        return jnp.exp(self.logit_scale.astype(jnp.float32))
 
     def encode_image(self, images: Array, normalize: bool = False) -> Array:
         """Projected image embeddings ``[batch, projection_dim]`` (float32)."""
@@ -471,6 +475,30 @@ def _encode_text_normalized(model: CLIP, params: Any, tokens: Array) -> Array:
 def _l2_normalize(x: Array) -> Array:
     x = x.astype(jnp.float32)
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def clamp_logit_scale(max_scale: float = 100.0) -> optax.GradientTransformation:
+    """CLIP's temperature clip (section 2.5) as the last link of an optimizer chain: the
+    update of every ``logit_scale`` parameter becomes ``clip(p + u, 0, log(max_scale)) - p``,
+    so after the step ``exp(logit_scale)`` lies in ``[1, max_scale]`` (open_clip clamps the
+    parameter to ``[0, log 100]`` after each step the same way). Other updates pass through
+    unchanged. Stateless; needs the params: ``tx.update(grads, state, params)``."""
+    if not max_scale >= 1.0:
+        raise ValueError(f"max_scale={max_scale} must be >= 1 (the parameter's lower bound is 0)")
+    hi = math.log(max_scale)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("clamp_logit_scale needs the params: tx.update(grads, state, params)")
+
+        def clamp(path, u, p):
+            if not any(getattr(k, "key", None) == "logit_scale" for k in path):
+                return u
+            return (jnp.clip(p + u, 0.0, hi) - p).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(clamp, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def contrastive_loss(logits_per_image: Array) -> Array:

@@ -1,15 +1,21 @@
 """CLIP on real Fashion-MNIST images with template captions: a smoke run learns zero-shot
 classification with prompt templates it never saw, far above the 10% of chance; the
-template and label-space checks refuse bad setups."""
+template and label-space checks refuse bad setups; the trainer's optimizer clamps the
+temperature parameter to [0, log 100] after each step."""
 
 import json
+import math
 import os
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from common import optim
 from common.data.bpe import BPETokenizer
 from experiments import clip_fashion_mnist as exp
+from vision import clip
 
 # The smoke config (120 steps of 64 pairs, 1-layer towers) scores 0.67 on 2,000 test images
 # with the unseen templates (seed 0); chance is 0.10. The bound leaves room for other
@@ -71,3 +77,22 @@ def test_captions_and_batches():
     np.testing.assert_array_equal(next(again)["tokens"], next(data)["tokens"])
     with pytest.raises(ValueError, match="label 9 has no caption"):
         exp.CaptionedImages(images, labels, table[:, :5], batch_size=4)
+
+
+def test_trainer_optimizer_clamps_the_logit_scale():
+    """The launcher's optimizer, ``common.optim.adamw`` with ``clip.clamp_logit_scale`` as
+    its ``project``: a step that would take ``logit_scale`` past log(100) stops there, other
+    parameters take AdamW's step."""
+    config = exp.get_config("smoke")
+    config.optim.update(lr=0.1, warmup_steps=0, total_steps=10)
+    tx, schedule = optim.adamw(config.optim, clip.clamp_logit_scale(100.0))
+    plain, _ = optim.adamw(config.optim)
+    params = {"logit_scale": jnp.float32(4.6), "w": jnp.ones((2, 2))}
+    grads = {"logit_scale": jnp.float32(-1.0), "w": jnp.full((2, 2), 0.5)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    unclamped = optax.apply_updates(params, plain.update(grads, plain.init(params), params)[0])
+    assert float(unclamped["logit_scale"]) > math.log(100.0)
+    assert float(new["logit_scale"]) == float(jnp.float32(math.log(100.0)))
+    np.testing.assert_array_equal(new["w"], unclamped["w"])
+    assert float(schedule(0)) == pytest.approx(0.1)

@@ -2,7 +2,10 @@
 converting its weights (both [EOS] pooling rules, two image resolutions, two text lengths);
 the contrastive loss equals a per-pair loop and HF's loss, and is the same (with its
 gradients) with the batch sharded over 8 devices as on one; zero-shot class weights equal
-their definition; preset sizes equal HF's; bad inputs raise errors naming the problem.
+their definition; the temperature keeps a live gradient at its cap and
+``clamp_logit_scale`` keeps the parameter within ``[0, log 100]`` after an optimizer step;
+bfloat16 compute reaches every submodule; preset sizes equal HF's; bad inputs raise errors
+naming the problem.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
@@ -239,16 +243,67 @@ def test_sharded_loss_and_grads_equal_single_device(tiny):
     assert abs(local - float(loss_1)) > 0.1
 
 
-def test_temperature_is_clipped_at_100(tiny):
+CAP = float(jnp.float32(math.log(100.0)))  # where clamp_logit_scale holds the parameter
+
+
+def test_temperature_gradient_is_live_below_and_at_the_cap(tiny):
+    """The multiplier is ``exp(logit_scale)`` with a nonzero gradient just below and at the
+    cap. A forward ``min(exp(s), 100)`` had zero gradient there: exp of float32 log(100) is
+    100.00001, so a parameter clamped to the cap could never come back down."""
     model, params, x, t, fwd = tiny
     init = nn.unbox(model.init(jax.random.key(0), method=lambda m: m.temperature()))  # scale only
     assert float(init["params"]["logit_scale"]) == pytest.approx(math.log(1 / 0.07), rel=1e-6)
-    p = jax.tree.map(lambda a: a, params)
-    p["params"]["logit_scale"] = jnp.asarray(math.log(1000.0))
-    out = fwd(p, x, t)
-    assert float(out["logit_scale"]) == pytest.approx(100.0)
+
+    def with_scale(s):
+        return {"params": {**params["params"], "logit_scale": s}}
+
+    def loss(s):
+        return clip.contrastive_loss(model.apply(with_scale(s), x, t)["logits_per_image"])
+
+    grad = jax.jit(jax.grad(loss))
+    for s in (CAP - 1e-3, CAP):
+        assert abs(float(grad(jnp.float32(s)))) > 1.0, s
+    out = fwd(with_scale(jnp.float32(CAP)), x, t)
+    assert float(out["logit_scale"]) == pytest.approx(100.0, rel=1e-6)
     cos = np.asarray(out["image_embeds"]) @ np.asarray(out["text_embeds"]).T
-    np.testing.assert_allclose(out["logits_per_image"], 100.0 * cos, rtol=1e-5, atol=1e-5)
+    scale = float(out["logit_scale"])
+    np.testing.assert_allclose(out["logits_per_image"], scale * cos, rtol=1e-5, atol=1e-5)
+
+
+def test_clamp_logit_scale_keeps_the_parameter_in_range_after_a_step(tiny):
+    """AdamW (lr 0.1) then ``clamp_logit_scale``: a step that would take the parameter past
+    log(100) or below 0 stops at the bound; from the cap a gradient that asks for a lower
+    temperature brings it down; every other parameter's update is AdamW's own."""
+    model, params, _, _, _ = tiny
+    adamw = optax.adamw(0.1, weight_decay=0.0)
+    tx = optax.chain(adamw, clip.clamp_logit_scale(model.logit_scale_max))
+    temperature = lambda p: model.apply(p, method=lambda m: m.temperature())
+    rng = np.random.default_rng(3)
+    noise = jax.tree.map(lambda p: rng.normal(size=np.shape(p)).astype(np.float32), params)
+
+    def step(s, sign):  # one step on sign * temperature (+1: lower it, -1: raise it)
+        p = {"params": {**params["params"], "logit_scale": jnp.float32(s)}}
+        g = jax.grad(lambda q: sign * temperature(q))(p)
+        g["params"] = {**noise["params"], "logit_scale": g["params"]["logit_scale"]}
+        updates, _ = tx.update(g, tx.init(p), p)
+        plain, _ = adamw.update(g, adamw.init(p), p)
+        new = optax.apply_updates(p, updates)
+        others = lambda tree: {k: v for k, v in tree["params"].items() if k != "logit_scale"}
+        jax.tree.map(np.testing.assert_array_equal, others(updates), others(plain))
+        return float(new["params"]["logit_scale"]), float(
+            optax.apply_updates(p, plain)["params"]["logit_scale"]
+        )
+
+    clamped, unclamped = step(CAP - 0.05, sign=-1.0)
+    assert unclamped > CAP and clamped == CAP  # at most log(100) (in float32)
+    clamped, unclamped = step(CAP, sign=+1.0)
+    assert clamped == unclamped < CAP  # a live gradient at the cap: back down
+    clamped, unclamped = step(0.05, sign=+1.0)
+    assert unclamped < 0.0 and clamped == 0.0
+    with pytest.raises(ValueError, match="needs the params"):
+        clip.clamp_logit_scale().update(noise, optax.EmptyState())
+    with pytest.raises(ValueError, match="max_scale=0.5 must be >= 1"):
+        clip.clamp_logit_scale(0.5)
 
 
 # --------------------------------------------------------------------------- zero-shot
@@ -346,6 +401,23 @@ def test_dtypes_are_honoured(tiny):
     assert all(v.dtype == jnp.float32 for v in out.values())
     assert float(jnp.abs(out["image_embeds"] - ref["image_embeds"]).max()) < 0.05
     assert float(jnp.abs(out["text_embeds"] - ref["text_embeds"]).max()) < 0.05
+    # Every submodule (encoders, blocks, norms, projections) computes in bfloat16; only the
+    # top-level outputs are cast to float32.
+    _, state = jax.eval_shape(
+        lambda p: bf16.apply(p, x, t, capture_intermediates=True, mutable=["intermediates"]),
+        params,
+    )
+    inner = {
+        path: leaf.dtype
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+        if path[0].key != "__call__"  # not the top-level outputs
+    }
+    assert len(inner) > 20 and set(inner.values()) == {jnp.dtype(jnp.bfloat16)}
+    for name in ("vision", "text", "visual_projection", "text_projection"):
+        assert name in {path[0].key for path in inner}
+    # bfloat16 compute stores float32 params; param_dtype=bfloat16 stores bfloat16 ones.
+    shapes = jax.eval_shape(bf16.init, jax.random.key(0), x[:1], t[:1])
+    assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype(jnp.float32)}
     stored = model.clone(param_dtype=jnp.bfloat16)
     shapes = jax.eval_shape(stored.init, jax.random.key(0), x[:1], t[:1])
     assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype(jnp.bfloat16)}
