@@ -1,6 +1,7 @@
 """Swin: logits and stage features equal Hugging Face's after converting its weights, the
 shifted-window mask and (S)W-MSA against their definitions, window partition and patch
-merging against naive loops, preset sizes against HF and the paper, FLOPs, bad inputs.
+merging against naive loops, bfloat16 compute in every submodule with float32 params,
+preset sizes against HF and the paper, FLOPs, bad inputs.
 
 Parity tests draw every HF parameter (relative position tables, LayerNorm scales and all
 biases included) with a larger spread than HF's init, so a wrongly indexed bias table, a
@@ -440,10 +441,26 @@ def test_stochastic_depth_and_dropout(small):
 def test_bfloat16_compute_keeps_float32_params(small):
     model, params, x, ref = small
     bf16 = swin.from_preset("swin-toy", **SMALL, dtype=jnp.bfloat16)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     logits = jax.jit(bf16.apply)(params, x)
     assert logits.dtype == jnp.float32
     assert float(jnp.abs(logits - ref).max()) < 0.05 * max(1.0, float(jnp.abs(ref).max()))
+    # The stage features and every submodule's output are bfloat16 (only the logits are
+    # cast to float32); the bfloat16 model's params are stored in float32.
+    _, feats = jax.eval_shape(lambda p, im: bf16.apply(p, im, return_features=True), params, x)
+    assert len(feats) == 2 and {f.dtype for f in feats} == {jnp.dtype(jnp.bfloat16)}
+    _, state = jax.eval_shape(
+        lambda p, im: bf16.apply(p, im, capture_intermediates=True, mutable=["intermediates"]),
+        params,
+        x,
+    )
+    inner = {
+        path: leaf.dtype
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+        if path[0].key != "__call__"  # not the top-level output
+    }
+    assert len(inner) > 20 and set(inner.values()) == {jnp.dtype(jnp.bfloat16)}
+    shapes = jax.eval_shape(bf16.init, jax.random.key(0), x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype(jnp.float32)}
 
 
 def test_sharded_forward_equals_single_device(small):

@@ -1,6 +1,8 @@
 """ViT: logits, tokens and pooler output equal Hugging Face's after converting its weights
 (also at a second resolution, through the resized position table), ``resize_positions``
-equals torch's interpolation, preset sizes equal HF's and the paper's, bad inputs.
+equals torch's interpolation, mean pooling through the tanh representation layer equals
+its definition, bfloat16 compute reaches every submodule while params stay float32, preset
+sizes equal HF's and the paper's, bad inputs.
 
 Parity tests draw every HF parameter (LayerNorm scales, class token, positions and all
 biases included) with a larger spread than HF's init.
@@ -244,6 +246,18 @@ def test_mean_pooling_and_representation_layer():
         lambda p, im: model.apply({"params": p}, im, return_tokens=True), params, x
     )
     assert out.shape == (2, 10) and tokens.shape == (2, 16, 48)
+    # Values: head(tanh(pre_logits(mean of the returned patch tokens))).
+    images = jax.random.normal(jax.random.key(1), x.shape)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(2), images))
+    variables["params"]["head"]["kernel"] = jax.random.normal(jax.random.key(3), (24, 10))
+    out, tokens = jax.jit(lambda v, im: model.apply(v, im, return_tokens=True))(variables, images)
+    p = jax.tree.map(np.asarray, variables["params"])
+    hidden = np.tanh(
+        np.asarray(tokens).mean(1) @ p["pre_logits"]["kernel"] + p["pre_logits"]["bias"]
+    )  # [batch, representation_size]
+    expected = hidden @ p["head"]["kernel"] + p["head"]["bias"]  # [batch, num_classes]
+    assert np.abs(expected).std() > 0.1
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -266,10 +280,26 @@ def test_dropout_and_bfloat16(toy):
     a, b = train(params, x, jax.random.key(0)), train(params, x, jax.random.key(1))
     assert not np.allclose(a, det) and not np.allclose(a, b)
     bf16 = model.clone(dtype=jnp.bfloat16)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     logits = jax.jit(bf16.apply)(params, x)
     assert logits.dtype == jnp.float32
     assert float(jnp.abs(logits - det).max()) < 0.05 * max(1.0, float(jnp.abs(det).max()))
+    # bfloat16 compute: the tokens and every submodule's output are bfloat16 (only the
+    # logits are cast to float32); the bfloat16 model's params are stored in float32.
+    _, tokens = jax.eval_shape(lambda p, im: bf16.apply(p, im, return_tokens=True), params, x)
+    assert tokens.dtype == jnp.bfloat16
+    _, state = jax.eval_shape(
+        lambda p, im: bf16.apply(p, im, capture_intermediates=True, mutable=["intermediates"]),
+        params,
+        x,
+    )
+    inner = {
+        path: leaf.dtype
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+        if path[0].key != "__call__"  # not the top-level output
+    }
+    assert len(inner) > 20 and set(inner.values()) == {jnp.dtype(jnp.bfloat16)}
+    shapes = jax.eval_shape(bf16.init, jax.random.key(0), x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype(jnp.float32)}
 
 
 def test_bad_inputs_raise_clear_errors():
