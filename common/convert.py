@@ -7,8 +7,10 @@ A family's converter (``nlp/gpt_convert.py`` ...) does three things with these h
    sharded, or an in-memory mapping of numpy arrays / torch tensors) into a flat
    ``{name: np.ndarray}`` dict, floating tensors as float32.
 2. A ``StateDict`` hands out tensors by name (checking their shapes and recording which
-   ones were used) and at the end reports every key the converter did not consume, except
-   those matching an allow-list (non-persistent buffers such as causal-mask tables).
+   ones were used), singly or as a torch ``nn.Linear`` / ``nn.LayerNorm`` already mapped to
+   our params (``attention_params`` fuses four such Linears into our attention layout), and
+   at the end reports every key the converter did not consume, except those matching an
+   allow-list (non-persistent buffers such as causal-mask tables).
 3. ``check_params`` compares the produced params with the model's abstract params
    (``abstract_params``, i.e. ``jax.eval_shape(model.init, ...)``) and raises a
    ``ValueError`` naming every missing, unexpected or wrongly shaped leaf.
@@ -191,6 +193,7 @@ class StateDict:
 
     ``require`` checks up front that every key a converter needs is present (so one error
     lists all missing keys); ``take`` returns a tensor, checking its shape if given;
+    ``linear`` / ``layer_norm`` take a torch Linear's / LayerNorm's tensors as our params;
     ``check_all_used`` raises on keys never taken unless they match an ``allow_unused``
     regular expression (``re.search`` on the key).
     """
@@ -222,6 +225,29 @@ class StateDict:
         self._used.add(key)
         return value
 
+    def linear(
+        self, prefix: str, n_in: int, n_out: int, *, bias: bool = True
+    ) -> dict[str, np.ndarray]:
+        """A torch ``nn.Linear`` as our Dense params: ``{"kernel": [n_in, n_out], "bias"}``.
+
+        Takes ``{prefix}.weight`` (torch's ``[out, in]``, transposed here) and, with ``bias``,
+        ``{prefix}.bias`` ``[n_out]``. GPT's ``Conv1D`` is already ``[in, out]``: use ``take``.
+        """
+        out = {"kernel": self.take(f"{prefix}.weight", (n_out, n_in)).T}
+        if bias:
+            out["bias"] = self.take(f"{prefix}.bias", (n_out,))
+        return out
+
+    def layer_norm(self, prefix: str, n: int, *, bias: bool = True) -> dict[str, np.ndarray]:
+        """A torch ``nn.LayerNorm`` of width ``n`` as ``{"scale": [n], "bias": [n]}``.
+
+        Takes ``{prefix}.weight`` and, with ``bias``, ``{prefix}.bias``.
+        """
+        out = {"scale": self.take(f"{prefix}.weight", (n,))}
+        if bias:
+            out["bias"] = self.take(f"{prefix}.bias", (n,))
+        return out
+
     def unused(self, allow_unused: Iterable[str] = ()) -> list[str]:
         patterns = [re.compile(p) for p in allow_unused]
         return [
@@ -237,6 +263,30 @@ class StateDict:
                 f"{self.what} has {len(left)} key(s) the converter does not use "
                 f"(wrong model config or family?): {', '.join(left)}"
             )
+
+
+def attention_params(
+    q: Mapping[str, np.ndarray],
+    k: Mapping[str, np.ndarray],
+    v: Mapping[str, np.ndarray],
+    out: Mapping[str, np.ndarray],
+    num_heads: int,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``common.attention.MultiHeadAttention`` self-attention params from four Dense dicts.
+
+    ``q``, ``k``, ``v``, ``out`` are ``{"kernel": [d, d], "bias": [d]}`` (as ``StateDict.linear``
+    returns for torch's separate q/k/v/output projections). Returns ``{"qkv": {"kernel":
+    [d, 3, heads, head_dim], "bias": [3, heads, head_dim]}, "out": {"kernel": [heads,
+    head_dim, d], "bias": [d]}}``: each projection's output axis split into heads.
+    """
+    d = q["kernel"].shape[0]
+    h, dh = num_heads, d // num_heads
+    qkv_kernel = np.stack([q["kernel"], k["kernel"], v["kernel"]], 1)  # [d, 3, d]
+    qkv_bias = np.stack([q["bias"], k["bias"], v["bias"]])  # [3, d]
+    return {
+        "qkv": {"kernel": qkv_kernel.reshape(d, 3, h, dh), "bias": qkv_bias.reshape(3, h, dh)},
+        "out": {"kernel": out["kernel"].reshape(h, dh, d), "bias": out["bias"]},
+    }
 
 
 # --------------------------------------------------------------------------- checking

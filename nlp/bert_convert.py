@@ -106,7 +106,6 @@ def bert_params_from_torch(
         sd = {f"bert.{k}": v for k, v in sd.items()}
     sd = convert.StateDict(sd, what="bert state dict")
     d, h, ff, L, V = model.d_model, model.num_heads, model.d_ff, model.num_layers, model.vocab_size
-    dh = d // h
     e, enc = "bert.embeddings.", "bert.encoder.layer."
 
     layer_parts = [
@@ -145,15 +144,6 @@ def bert_params_from_torch(
         ]
     sd.require(needed)
 
-    def ln(prefix: str) -> dict[str, np.ndarray]:
-        return {"scale": sd.take(f"{prefix}.weight", (d,)), "bias": sd.take(f"{prefix}.bias", (d,))}
-
-    def linear(prefix: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
-        return {
-            "kernel": sd.take(f"{prefix}.weight", (n_out, n_in)).T,
-            "bias": sd.take(f"{prefix}.bias", (n_out,)),
-        }
-
     wte = sd.take(e + "word_embeddings.weight", (V, d))
     flat: dict[str, Any] = {
         "word_embeddings/embedding": wte,
@@ -164,43 +154,35 @@ def bert_params_from_torch(
             e + "token_type_embeddings.weight", (model.type_vocab_size, d)
         ),
     }
-    flat.update({f"embed_ln/{k}": v for k, v in ln(e + "LayerNorm").items()})
+    flat.update({f"embed_ln/{k}": v for k, v in sd.layer_norm(e + "LayerNorm", d).items()})
     for i in range(L):
         p = f"{enc}{i}."
-        q, k, v = (linear(p + f"attention.self.{n}", d, d) for n in ("query", "key", "value"))
-        out = linear(p + "attention.output.dense", d, d)
+        q, k, v = (sd.linear(p + f"attention.self.{n}", d, d) for n in ("query", "key", "value"))
+        out = sd.linear(p + "attention.output.dense", d, d)
         layer = {
-            "attn": {
-                "qkv": {
-                    # [d_in, 3, heads, head_dim] from three [d_in, d_out] kernels.
-                    "kernel": np.stack([t["kernel"] for t in (q, k, v)], 1).reshape(d, 3, h, dh),
-                    "bias": np.stack([t["bias"] for t in (q, k, v)], 0).reshape(3, h, dh),
-                },
-                "out": {"kernel": out["kernel"].reshape(h, dh, d), "bias": out["bias"]},
-            },
-            "ln_1": ln(p + "attention.output.LayerNorm"),
+            "attn": convert.attention_params(q, k, v, out, h),
+            "ln_1": sd.layer_norm(p + "attention.output.LayerNorm", d),
             "mlp": {
-                "fc": linear(p + "intermediate.dense", d, ff),
-                "proj": linear(p + "output.dense", ff, d),
+                "fc": sd.linear(p + "intermediate.dense", d, ff),
+                "proj": sd.linear(p + "output.dense", ff, d),
             },
-            "ln_2": ln(p + "output.LayerNorm"),
+            "ln_2": sd.layer_norm(p + "output.LayerNorm", d),
         }
         flat.update({f"layer_{i}/{k}": v for k, v in convert.flatten(layer).items()})
-    flat.update({f"pooler/{k}": v for k, v in linear("bert.pooler.dense", d, d).items()})
+    flat.update({f"pooler/{k}": v for k, v in sd.linear("bert.pooler.dense", d, d).items()})
 
     if heads:
         flat.update(
             {
                 f"mlm_dense/{k}": v
-                for k, v in linear("cls.predictions.transform.dense", d, d).items()
+                for k, v in sd.linear("cls.predictions.transform.dense", d, d).items()
             }
         )
-        flat.update(
-            {f"mlm_ln/{k}": v for k, v in ln("cls.predictions.transform.LayerNorm").items()}
-        )
+        mlm_ln = sd.layer_norm("cls.predictions.transform.LayerNorm", d)
+        flat.update({f"mlm_ln/{k}": v for k, v in mlm_ln.items()})
         bias = sd.take("cls.predictions.bias", (V,))
         flat["mlm_bias"] = bias
-        flat.update({f"nsp/{k}": v for k, v in linear("cls.seq_relationship", d, 2).items()})
+        flat.update({f"nsp/{k}": v for k, v in sd.linear("cls.seq_relationship", d, 2).items()})
         # The decoder is tied to the word embeddings (and its bias to cls.predictions.bias)
         # in every released checkpoint; an untied copy cannot be represented, so refuse it.
         for key, tied in (

@@ -142,9 +142,6 @@ def _convert(source: Any, model: GPT, family: str, allow_unused: Iterable[str]) 
         needed += [f"{names['ln_f']}.weight", f"{names['ln_f']}.bias"]
     sd.require(needed)
 
-    def ln(prefix: str) -> dict[str, np.ndarray]:
-        return {"scale": sd.take(f"{prefix}.weight", (d,)), "bias": sd.take(f"{prefix}.bias", (d,))}
-
     wte = sd.take(f"{names['wte']}.weight", (model.vocab_size, d))
     flat: dict[str, Any] = {
         "wte/embedding": wte,
@@ -153,8 +150,8 @@ def _convert(source: Any, model: GPT, family: str, allow_unused: Iterable[str]) 
     for i in range(L):
         p = f"h.{i}."
         layer = {
-            "ln_1": ln(p + "ln_1"),
-            "ln_2": ln(p + "ln_2"),
+            "ln_1": sd.layer_norm(p + "ln_1", d),
+            "ln_2": sd.layer_norm(p + "ln_2", d),
             "attn": {
                 "qkv": {
                     # Conv1D [d, 3d], output = q | k | v, each [heads, head_dim].
@@ -180,7 +177,7 @@ def _convert(source: Any, model: GPT, family: str, allow_unused: Iterable[str]) 
         }
         flat.update({f"h_{i}/{k}": v for k, v in convert.flatten(layer).items()})
     if names["ln_f"]:
-        flat.update({f"ln_f/{k}": v for k, v in ln(names["ln_f"]).items()})
+        flat.update({f"ln_f/{k}": v for k, v in sd.layer_norm(names["ln_f"], d).items()})
 
     # The LM head is tied to the token embedding in our GPT (and in every released
     # checkpoint); an untied head cannot be represented, so refuse it instead of dropping it.

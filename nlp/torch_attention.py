@@ -866,26 +866,11 @@ def _mha_flat(sd: _StateDict, m: TorchMultiheadAttention, p: str) -> dict[str, n
         if m.bias:
             b = sd.take(f"{p}in_proj_bias", (3 * E,))
             flat["q_proj/bias"], flat["k_proj/bias"], flat["v_proj/bias"] = np.split(b, 3)
-    flat["out_proj/kernel"] = sd.take(f"{p}out_proj.weight", (E, E)).T
-    if m.bias:
-        flat["out_proj/bias"] = sd.take(f"{p}out_proj.bias", (E,))
+    out_proj = sd.linear(f"{p}out_proj", E, E, bias=m.bias)
+    flat.update({f"out_proj/{k}": v for k, v in out_proj.items()})
     if m.add_bias_kv:
         flat["bias_k"] = sd.take(f"{p}bias_k", (1, 1, E))
         flat["bias_v"] = sd.take(f"{p}bias_v", (1, 1, E))
-    return flat
-
-
-def _norm_flat(sd: _StateDict, m: Any, p: str) -> dict[str, np.ndarray]:
-    flat = {"scale": sd.take(f"{p}weight", (m.d_model,))}
-    if m.bias:
-        flat["bias"] = sd.take(f"{p}bias", (m.d_model,))
-    return flat
-
-
-def _linear_flat(sd: _StateDict, m: Any, p: str, n_in: int, n_out: int) -> dict:
-    flat = {"kernel": sd.take(f"{p}weight", (n_out, n_in)).T}
-    if m.bias:
-        flat["bias"] = sd.take(f"{p}bias", (n_out,))
     return flat
 
 
@@ -894,14 +879,14 @@ def _layer_flat(sd: _StateDict, m: _LayerParts, p: str, decoder: bool) -> dict:
     attn = _layer_attention(m, parent=None)  # the config the layer builds (shapes only)
     tree: dict[str, Any] = {
         "self_attn": _mha_flat(sd, attn, f"{p}self_attn."),
-        "linear1": _linear_flat(sd, m, f"{p}linear1.", d, ff),
-        "linear2": _linear_flat(sd, m, f"{p}linear2.", ff, d),
-        "norm1": _norm_flat(sd, m, f"{p}norm1."),
-        "norm2": _norm_flat(sd, m, f"{p}norm2."),
+        "linear1": sd.linear(f"{p}linear1", d, ff, bias=m.bias),
+        "linear2": sd.linear(f"{p}linear2", ff, d, bias=m.bias),
+        "norm1": sd.layer_norm(f"{p}norm1", d, bias=m.bias),
+        "norm2": sd.layer_norm(f"{p}norm2", d, bias=m.bias),
     }
     if decoder:
         tree["multihead_attn"] = _mha_flat(sd, attn, f"{p}multihead_attn.")
-        tree["norm3"] = _norm_flat(sd, m, f"{p}norm3.")
+        tree["norm3"] = sd.layer_norm(f"{p}norm3", d, bias=m.bias)
     return convert.flatten(tree)
 
 
@@ -975,7 +960,8 @@ def _stack_flat(sd, m: _LayerParts, num_layers: int, norm: bool, p: str, decoder
         layer = _layer_flat(sd, m, f"{p}layers.{i}.", decoder)
         flat.update({f"layers_{i}/{k}": v for k, v in layer.items()})
     if norm:
-        flat.update({f"norm/{k}": v for k, v in _norm_flat(sd, m, f"{p}norm.").items()})
+        final_norm = sd.layer_norm(f"{p}norm", m.d_model, bias=m.bias)
+        flat.update({f"norm/{k}": v for k, v in final_norm.items()})
     return flat
 
 

@@ -136,38 +136,19 @@ def clip_params_from_torch(
         ]
     sd.require(needed)
 
-    def linear(prefix: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
-        return {
-            "kernel": sd.take(f"{prefix}.weight", (n_out, n_in)).T,
-            "bias": sd.take(f"{prefix}.bias", (n_out,)),
-        }
-
-    def ln(prefix: str, n: int) -> dict[str, np.ndarray]:
-        return {"scale": sd.take(f"{prefix}.weight", (n,)), "bias": sd.take(f"{prefix}.bias", (n,))}
-
     def blocks(tower: str, n: int, d: int, h: int, ff: int) -> dict[str, np.ndarray]:
-        dh = d // h
         out = {}
         for i in range(n):
             pre = f"{tower}.encoder.layers.{i}."
-            q, k, v = (linear(pre + f"self_attn.{x}_proj", d, d) for x in "qkv")
-            o = linear(pre + "self_attn.out_proj", d, d)
+            q, k, v = (sd.linear(pre + f"self_attn.{x}_proj", d, d) for x in "qkv")
+            o = sd.linear(pre + "self_attn.out_proj", d, d)
             layer = {
-                "ln_1": ln(pre + "layer_norm1", d),
-                "ln_2": ln(pre + "layer_norm2", d),
-                "attn": {
-                    "qkv": {
-                        # three [d, d] kernels -> [d, 3, heads, head_dim]
-                        "kernel": np.stack([q["kernel"], k["kernel"], v["kernel"]], 1).reshape(
-                            d, 3, h, dh
-                        ),
-                        "bias": np.stack([q["bias"], k["bias"], v["bias"]]).reshape(3, h, dh),
-                    },
-                    "out": {"kernel": o["kernel"].reshape(h, dh, d), "bias": o["bias"]},
-                },
+                "ln_1": sd.layer_norm(pre + "layer_norm1", d),
+                "ln_2": sd.layer_norm(pre + "layer_norm2", d),
+                "attn": convert.attention_params(q, k, v, o, h),
                 "mlp": {
-                    "fc": linear(pre + "mlp.fc1", d, ff),
-                    "proj": linear(pre + "mlp.fc2", ff, d),
+                    "fc": sd.linear(pre + "mlp.fc1", d, ff),
+                    "proj": sd.linear(pre + "mlp.fc2", ff, d),
                 },
             }
             out.update({f"block_{i}/{key}": val for key, val in convert.flatten(layer).items()})
@@ -179,8 +160,8 @@ def clip_params_from_torch(
         "patch_embed/kernel": patch.transpose(2, 3, 1, 0),
         "cls": sd.take("vision_model.embeddings.class_embedding", (dv,)),
         "pos_embedding": sd.take("vision_model.embeddings.position_embedding.weight", (n_pos, dv)),
-        **{f"ln_pre/{k}": v for k, v in ln("vision_model.pre_layrnorm", dv).items()},
-        **{f"ln_post/{k}": v for k, v in ln("vision_model.post_layernorm", dv).items()},
+        **{f"ln_pre/{k}": v for k, v in sd.layer_norm("vision_model.pre_layrnorm", dv).items()},
+        **{f"ln_post/{k}": v for k, v in sd.layer_norm("vision_model.post_layernorm", dv).items()},
         **blocks("vision_model", L_v, dv, model.vision_heads, model.vision_d_ff),
     }
     text: dict[str, Any] = {
@@ -190,7 +171,7 @@ def clip_params_from_torch(
         "pos_embedding": sd.take(
             "text_model.embeddings.position_embedding.weight", (model.context_length, dt)
         ),
-        **{f"ln_final/{k}": v for k, v in ln("text_model.final_layer_norm", dt).items()},
+        **{f"ln_final/{k}": v for k, v in sd.layer_norm("text_model.final_layer_norm", dt).items()},
         **blocks("text_model", L_t, dt, model.text_heads, model.text_d_ff),
     }
     flat: dict[str, Any] = {

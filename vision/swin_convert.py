@@ -144,30 +144,20 @@ def swin_params_from_torch(
         needed += ["classifier.weight", "classifier.bias"]
     sd.require(needed)
 
-    def linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> dict[str, np.ndarray]:
-        out = {"kernel": sd.take(f"{prefix}.weight", (n_out, n_in)).T}
-        if bias:
-            out["bias"] = sd.take(f"{prefix}.bias", (n_out,))
-        return out
-
-    def ln(prefix: str, n: int) -> dict[str, np.ndarray]:
-        return {"scale": sd.take(f"{prefix}.weight", (n,)), "bias": sd.take(f"{prefix}.bias", (n,))}
-
     proj = sd.take("embeddings.patch_embeddings.projection.weight", (c, ch, p, p))
     flat: dict[str, Any] = {
         "patch_embed/kernel": proj.transpose(2, 3, 1, 0),  # [out, in, kh, kw] -> [kh, kw, in, out]
         "patch_embed/bias": sd.take("embeddings.patch_embeddings.projection.bias", (c,)),
     }
-    flat.update({f"patch_norm/{k}": v for k, v in ln("embeddings.norm", c).items()})
+    flat.update({f"patch_norm/{k}": v for k, v in sd.layer_norm("embeddings.norm", c).items()})
     expected_index = relative_position_index(M).reshape(-1)
     for s, depth in enumerate(model.depths):
         d = c * 2**s
         h = model.num_heads[s]
-        dh, ff = d // h, int(model.mlp_ratio * d)
+        ff = int(model.mlp_ratio * d)
         for i in range(depth):
             pre = f"encoder.layers.{s}.blocks.{i}."
-            q, k, v = (linear(pre + f"attention.{n}_proj", d, d) for n in "qkv")
-            o = linear(pre + "attention.o_proj", d, d)
+            q, k, v, o = (sd.linear(pre + f"attention.{n}_proj", d, d) for n in "qkvo")
             rpb = pre + "attention.relative_position_bias."
             if rpb + "relative_position_index" in sd:  # old checkpoints store the buffer
                 index = sd.take(rpb + "relative_position_index").reshape(-1)
@@ -177,36 +167,29 @@ def swin_params_from_torch(
                         f"index of window {M}"
                     )
             layer = {
-                "ln_1": ln(pre + "layernorm_before", d),
-                "ln_2": ln(pre + "layernorm_after", d),
+                "ln_1": sd.layer_norm(pre + "layernorm_before", d),
+                "ln_2": sd.layer_norm(pre + "layernorm_after", d),
                 "attn": {
-                    "qkv": {
-                        "kernel": np.stack([q["kernel"], k["kernel"], v["kernel"]], 1).reshape(
-                            d, 3, h, dh
-                        ),
-                        "bias": np.stack([q["bias"], k["bias"], v["bias"]]).reshape(3, h, dh),
-                    },
-                    "out": {"kernel": o["kernel"].reshape(h, dh, d), "bias": o["bias"]},
+                    **convert.attention_params(q, k, v, o, h),
                     "relative_position_bias_table": sd.take(
                         rpb + "relative_position_bias_table", ((2 * M - 1) ** 2, h)
                     ),
                 },
                 "mlp": {
-                    "fc": linear(pre + "mlp.fc1", d, ff),
-                    "proj": linear(pre + "mlp.fc2", ff, d),
+                    "fc": sd.linear(pre + "mlp.fc1", d, ff),
+                    "proj": sd.linear(pre + "mlp.fc2", ff, d),
                 },
             }
             flat.update({f"stage_{s}_block_{i}/{k}": v for k, v in convert.flatten(layer).items()})
         if s < len(model.depths) - 1:
             pre = f"encoder.layers.{s}.downsample."
-            flat.update(
-                {f"stage_{s}_merge/norm/{k}": v for k, v in ln(pre + "norm", 4 * d).items()}
-            )
-            red = linear(pre + "reduction", 4 * d, 2 * d, bias=False)
+            norm = sd.layer_norm(pre + "norm", 4 * d)
+            flat.update({f"stage_{s}_merge/norm/{k}": v for k, v in norm.items()})
+            red = sd.linear(pre + "reduction", 4 * d, 2 * d, bias=False)
             flat[f"stage_{s}_merge/reduction/kernel"] = red["kernel"]
-    flat.update({f"norm/{k}": v for k, v in ln("layernorm", model.num_features).items()})
+    flat.update({f"norm/{k}": v for k, v in sd.layer_norm("layernorm", model.num_features).items()})
     if model.num_classes:
-        head = linear("classifier", model.num_features, model.num_classes)
+        head = sd.linear("classifier", model.num_features, model.num_classes)
         flat.update({f"head/{k}": v for k, v in head.items()})
     sd.check_all_used(allow_unused)
 

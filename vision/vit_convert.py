@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from common import convert
 from vision.vit import ViT, example_images
@@ -125,7 +124,7 @@ def vit_params_from_torch(
     sd = convert.strip_prefix(rename_legacy_keys(sd), "vit.")
     sd = convert.StateDict(sd, what="ViT state dict")
     d, h, ff, L = model.d_model, model.num_heads, model.d_ff, model.num_layers
-    dh, p, c = d // h, model.patch_size, model.num_channels
+    p, c = model.patch_size, model.num_channels
     gh, gw = model.grid_size
 
     needed = [
@@ -153,15 +152,6 @@ def vit_params_from_torch(
         needed += ["classifier.weight", "classifier.bias"]
     sd.require(needed)
 
-    def linear(prefix: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
-        return {
-            "kernel": sd.take(f"{prefix}.weight", (n_out, n_in)).T,
-            "bias": sd.take(f"{prefix}.bias", (n_out,)),
-        }
-
-    def ln(prefix: str, n: int = d) -> dict[str, np.ndarray]:
-        return {"scale": sd.take(f"{prefix}.weight", (n,)), "bias": sd.take(f"{prefix}.bias", (n,))}
-
     proj = sd.take("embeddings.patch_embeddings.projection.weight", (d, c, p, p))
     flat: dict[str, Any] = {
         "cls": sd.take("embeddings.cls_token", (1, 1, d)),
@@ -170,34 +160,27 @@ def vit_params_from_torch(
         "patch_embed/kernel": proj.transpose(2, 3, 1, 0),
         "patch_embed/bias": sd.take("embeddings.patch_embeddings.projection.bias", (d,)),
     }
-    flat.update({f"norm/{k}": v for k, v in ln("layernorm").items()})
+    flat.update({f"norm/{k}": v for k, v in sd.layer_norm("layernorm", d).items()})
     for i in range(L):
         pre = f"layers.{i}."
-        q, k, v = (linear(pre + f"attention.{n}_proj", d, d) for n in "qkv")
-        o = linear(pre + "attention.o_proj", d, d)
+        q, k, v, o = (sd.linear(pre + f"attention.{n}_proj", d, d) for n in "qkvo")
         layer = {
-            "ln_1": ln(pre + "layernorm_before"),
-            "ln_2": ln(pre + "layernorm_after"),
-            "attn": {
-                "qkv": {
-                    # three [d, d] kernels -> [d, 3, heads, head_dim]
-                    "kernel": np.stack([q["kernel"], k["kernel"], v["kernel"]], 1).reshape(
-                        d, 3, h, dh
-                    ),
-                    "bias": np.stack([q["bias"], k["bias"], v["bias"]]).reshape(3, h, dh),
-                },
-                "out": {"kernel": o["kernel"].reshape(h, dh, d), "bias": o["bias"]},
+            "ln_1": sd.layer_norm(pre + "layernorm_before", d),
+            "ln_2": sd.layer_norm(pre + "layernorm_after", d),
+            "attn": convert.attention_params(q, k, v, o, h),
+            "mlp": {
+                "fc": sd.linear(pre + "mlp.fc1", d, ff),
+                "proj": sd.linear(pre + "mlp.fc2", ff, d),
             },
-            "mlp": {"fc": linear(pre + "mlp.fc1", d, ff), "proj": linear(pre + "mlp.fc2", ff, d)},
         }
         flat.update({f"block_{i}/{k}": v for k, v in convert.flatten(layer).items()})
     head_in = d
     if model.representation_size is not None:
         r = model.representation_size
-        flat.update({f"pre_logits/{k}": v for k, v in linear("pooler.dense", d, r).items()})
+        flat.update({f"pre_logits/{k}": v for k, v in sd.linear("pooler.dense", d, r).items()})
         head_in = r
     if model.num_classes:
-        cls_head = linear("classifier", head_in, model.num_classes)
+        cls_head = sd.linear("classifier", head_in, model.num_classes)
         flat.update({f"head/{k}": v for k, v in cls_head.items()})
     sd.check_all_used(allow_unused)
 
