@@ -23,6 +23,11 @@ measured side by side in one process, alternating, on the same machine:
    against a ViT encoder block (global attention over all ``s^2`` tokens). Window attention
    costs ``O(s^2 M^2 C)``, so its time grows about 4x per doubling of the side; global
    attention's ``O(s^4 C)`` term grows 16x, diluted here by the block's linear layers.
+3. The batched matmuls of window attention at stage 0 of the train step (``batch x 64``
+   windows x 3 heads, 49 tokens, head size 32), each form alone: ``S = Q K^T``,
+   ``O = P V`` and ``dV = P^T dO`` (the backward's ``dP = dO V^T``, ``dQ = dS K`` and
+   ``dK = dS^T Q`` repeat them), as XLA runs the einsum and as torch's ``bmm`` runs it. This is
+   where Swin's step loses to torch (``benchmarks/README.md``, 2026-12-07).
 
 The last line printed is
 ``RESULT swin_ratio_vs_torch=<ours/torch step time> swin_growth=<time(2s)/time(s)>
@@ -226,6 +231,47 @@ def block_grad(kind: str, side: int, batch: int):
     return run
 
 
+# ---------------------------------------------------------------------------- window matmuls
+
+# (einsum, the same product on torch tensors): the three forms of window attention's matmuls.
+WINDOW_FORMS = {
+    "S = Q K^T": ("bqd,bkd->bqk", lambda a, b: torch.bmm(a, b.transpose(1, 2))),
+    "O = P V": ("bqk,bkd->bqd", torch.bmm),
+    "dV = P^T dO": ("bqk,bqd->bkd", lambda a, b: torch.bmm(a.transpose(1, 2), b)),
+}
+
+
+def window_matmuls(windows: int) -> dict[str, Any]:
+    """``{f"{side} {form}": run(n)}``: each form of ``WINDOW_FORMS`` over ``windows x HEADS``
+    matrices of ``WINDOW^2`` tokens and head size ``WIDTH / HEADS``, jitted in XLA and as
+    torch's ``bmm`` (checked equal first)."""
+    n, d, rng = WINDOW * WINDOW, WIDTH // HEADS, np.random.default_rng(0)
+    qk = rng.normal(size=(windows * HEADS, n, d)).astype(np.float32)  # Q, K, V, dO
+    pn = rng.normal(size=(windows * HEADS, n, n)).astype(np.float32)  # P, dS
+    runs = {}
+    for form, (spec, torch_fn) in WINDOW_FORMS.items():
+        a = pn if spec.startswith("bqk") else qk
+        jax_fn = jax.jit(functools.partial(jnp.einsum, spec))
+        ja, jb = jnp.asarray(a), jnp.asarray(qk)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(qk)
+        want = torch_fn(ta, tb).numpy()
+        np.testing.assert_allclose(np.asarray(jax_fn(ja, jb)), want, rtol=1e-4, atol=1e-3)
+
+        def run_jax(steps: int, f=jax_fn, x=ja, y=jb) -> float:
+            for _ in range(steps):
+                out = f(x, y)
+            jax.block_until_ready(out)
+            return 0.0
+
+        def run_torch(steps: int, f=torch_fn, x=ta, y=tb) -> float:
+            for _ in range(steps):
+                f(x, y)
+            return 0.0
+
+        runs[f"xla {form}"], runs[f"torch {form}"] = run_jax, run_torch
+    return runs
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -302,6 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     swin_growth = med[f"swin@{sides[1]}"] / med[f"swin@{sides[0]}"]
     vit_growth = med[f"vit@{sides[1]}"] / med[f"vit@{sides[0]}"]
 
+    # 3. Window attention's batched matmuls at stage 0 of the train step.
+    windows = plan.batch * (RESOLUTION // 4 // WINDOW) ** 2
+    mm_times, _ = alternate(
+        window_matmuls(windows), plan.scale_rounds, 10, label="window matmul round"
+    )
+    mm = {k: statistics.median(v) for k, v in mm_times.items()}
+
     # Summary.
     med_times = {k: statistics.median(v) for k, v in times.items()}
     torch_side = min(("torch", "torch-1t"), key=med_times.get)
@@ -369,6 +422,19 @@ def main(argv: list[str] | None = None) -> None:
         f"Growth in CPU-s (unaffected by other jobs time-slicing the cores): Swin "
         f"{cpu_growth['swin']:.2f}, ViT {cpu_growth['vit']:.2f}"
     )
+    print()
+    flop = 2 * windows * HEADS * (WINDOW * WINDOW) ** 2 * (WIDTH // HEADS)
+    print(
+        f"| window attention matmul ({windows} windows x {HEADS} heads, {WINDOW * WINDOW} "
+        f"tokens, head size {WIDTH // HEADS}), median ms | XLA | torch bmm | XLA / torch |"
+    )
+    print("|---|---|---|---|")
+    for form in WINDOW_FORMS:
+        x, t = mm[f"xla {form}"], mm[f"torch {form}"]
+        print(
+            f"| `{form}` | {1e3 * x:.2f} ({flop / x / 1e9:.0f} GFLOP/s) | {1e3 * t:.2f} "
+            f"({flop / t / 1e9:.0f} GFLOP/s) | {x / t:.2f} |"
+        )
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s")
     print(
         f"RESULT swin_ratio_vs_torch={ratio:.3f} swin_growth={swin_growth:.2f} "
