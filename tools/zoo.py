@@ -1,9 +1,9 @@
 """Every preset of every model family with its exact parameter count, and for the vision
 presets the forward FLOPs at the preset's resolution.
 
-    python -m experiments.zoo            # one line per preset (format below)
-    python -m experiments.zoo swin       # only presets whose name contains "swin"
-    python -m experiments.zoo --no-flops # counts only (skips lowering the vision models)
+    python -m tools.zoo            # one line per preset (format below)
+    python -m tools.zoo swin       # only presets whose name contains "swin"
+    python -m tools.zoo --no-flops # counts only (skips lowering the vision models)
 
 Each line is ``<preset>\t<parameter count>``, and for presets whose FLOPs are known (ViT,
 Swin, CLIP) two more columns: ``\t<forward FLOPs>\t<forward multiply-adds>``, with
