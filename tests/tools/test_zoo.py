@@ -4,8 +4,8 @@ Swin paper's published figure)."""
 
 import pytest
 
-from tools import zoo
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
+from tools import zoo
 from vision import clip, swin, vit
 
 MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip)
