@@ -71,9 +71,12 @@ def test_record_copies_results_config_and_provenance(docs):
     (workdir / "checkpoints" / "20" / "meta" / "metadata").write_text('{"model": {"d": 1}}')
     (workdir / "checkpoints" / "100" / "meta" / "metadata").write_text('{"model": {"d": 2}}')
     (workdir / "results.json").write_text(json.dumps({"bits_per_char": 2.5, "wall_s": 600.0}))
-    _write(docs / "runs", "gpt_shakespeare", "2026-01-01-old", {"bits_per_char": 2.4}, headline=True)
+    runs = results.RUNS_DIR
+    _write(
+        docs / "runs", "gpt_shakespeare", "2026-01-01-old", {"bits_per_char": 2.4}, headline=True
+    )
     path = results.record(
-        str(workdir), "gpt_shakespeare", command="make train", headline=True, runs_dir=results.RUNS_DIR
+        str(workdir), "gpt_shakespeare", command="make train", headline=True, runs_dir=runs
     )
     rec = json.loads(open(path).read())
     assert rec["results"] == {"bits_per_char": 2.5, "wall_s": 600.0}
