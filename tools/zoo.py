@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from common.flops import lowered_flops
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from vision import clip, swin, vit
 
@@ -94,18 +95,6 @@ FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
     lambda: _images(swin),
     _clip,
 )
-
-
-def lowered_flops(lowered: jax.stages.Lowered) -> float:
-    """FLOPs of a lowered program from XLA's HLO cost analysis (compiles only as a fallback,
-    for backends whose lowered programs give no analysis)."""
-    for analyse in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
-        cost = analyse()
-        if isinstance(cost, list | tuple):
-            cost = cost[0] if cost else None
-        if cost and "flops" in cost:
-            return float(cost["flops"])
-    raise RuntimeError("XLA's cost analysis gave no FLOPs for this program")
 
 
 def rows(pattern: str = "", flops: bool = True) -> Iterator[tuple[str, int, float | None]]:
