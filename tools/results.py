@@ -260,7 +260,7 @@ def build_results_md(records: dict[str, list[dict[str, Any]]], tried_dir: str = 
             row += [fmt(r.get("wall_min"), 0, 2), _cell(r["machine"]), _cell(r.get("note", ""))]
             lines.append("| " + " | ".join(row) + " |")
         sources = sorted({r["source"] for r in records[exp.name]})
-        lines += ["", "Sources: " + "; ".join(sources) + "."]
+        lines += ["", "Sources of these records:", ""] + [f"* {src}." for src in sources]
         tried = os.path.join(tried_dir, f"{exp.name}.md")
         if os.path.exists(tried):
             with open(tried) as f:
