@@ -44,7 +44,7 @@ if __name__ == "__main__":  # malloc settings for both sides: see benchmarks/har
 
 # XLA reads its flags once, when the backend starts: they must be in the environment before
 # jax is imported. ``BENCH_XLA_FLAGS`` (empty: XLA's defaults) is appended to any XLA_FLAGS
-# the caller set. See README.md for the flags that were measured on this machine.
+# the caller set. benchmarks/LOG.md lists the flags tried ("XLA flags tried").
 BENCH_XLA_FLAGS = ""
 if BENCH_XLA_FLAGS:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {BENCH_XLA_FLAGS}".strip()
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     assert abs(loss_ours - loss_torch) < 1e-3 * abs(loss_torch), (loss_ours, loss_torch)
     # Untimed steps until the shared heap settles: the steps after the compile still
-    # page-fault their ~3 GB of buffers in (~780k faults, ~4 s of kernel time).
+    # page-fault their buffers in (seconds of kernel time per step).
     warm = warm_up({"ours": ours, "torch": theirs}, WARM_UP_ROUNDS, plan.steps)
     times, cpu = alternate(
         {"ours": ours, "torch": theirs}, plan.rounds, plan.steps, between=measure_peak

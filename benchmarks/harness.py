@@ -39,8 +39,8 @@ def warm_up(
     takes fresh pages (hundreds of thousands of faults, seconds of kernel time) until the
     heap's layout settles, which can take a few rounds. Back-to-back steps overlap (the next
     one is dispatched while the last runs) and need more memory than single ones, so the
-    warm-up calls take as many steps as the timed ones: warmed with single steps, the Swin
-    benchmark's first two 2-step rounds still took 220k-450k faults per step. The timed
+    warm-up calls take as many steps as the timed ones (single-step warm-ups left the first
+    timed rounds faulting; ``benchmarks/LOG.md``). The timed
     rounds should measure the settled steps; each still reports its faults.
     """
     for r in range(1, max_rounds + 1):

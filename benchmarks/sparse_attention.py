@@ -1,7 +1,7 @@
 """Sparse attention against dense: forward+backward time, XLA temp memory and FLOPs vs n.
 
-    python -m benchmarks.sparse_attention            # n = 1k ... 16k, about 10 minutes
-    python -m benchmarks.sparse_attention --quick    # n = 1k, 2k, well under a minute
+    python -m benchmarks.sparse_attention            # n = 1k ... 16k
+    python -m benchmarks.sparse_attention --quick    # n = 1k, 2k
 
 Config (issue 3): batch 1, 8 heads, head_dim 64, float32, CPU. Variants:
 

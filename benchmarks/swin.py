@@ -27,7 +27,7 @@ measured side by side in one process, alternating, on the same machine:
    windows x 3 heads, 49 tokens, head size 32), each form alone: ``S = Q K^T``,
    ``O = P V`` and ``dV = P^T dO`` (the backward's ``dP = dO V^T``, ``dQ = dS K`` and
    ``dK = dS^T Q`` repeat them), as XLA runs the einsum and as torch's ``bmm`` runs it. This is
-   where Swin's step loses to torch (``benchmarks/README.md``, 2026-12-07).
+   where Swin's step loses to torch (``benchmarks/LOG.md``).
 
 The last line printed is
 ``RESULT swin_ratio_vs_torch=<ours/torch step time> swin_growth=<time(2s)/time(s)>

@@ -60,8 +60,8 @@ from nlp import transformer as tr  # noqa: E402
 
 THREADS = 2  # torch intra-op threads; XLA's CPU client uses one thread per core
 # torch is also timed with one intra-op thread: on a loaded machine its OpenMP workers spin
-# and wait at barriers for descheduled threads (measured here at load ~20: 5.0 CPU-s per step
-# with 2 threads against 1.35 with 1), so the headline ratio is against the faster of the two.
+# and wait at barriers for descheduled threads (benchmarks/LOG.md), so the headline ratio is
+# against the faster of the two.
 TORCH_THREADS = (2, 1)
 
 

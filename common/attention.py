@@ -7,8 +7,8 @@ Layout everywhere is ``[batch, length, heads, head_dim]`` (the layout of
   * ``None``: ``auto_implementation`` picks: cuDNN's fused (flash) attention on a GPU when the
     call is one it takes (bfloat16/float16, no explicit mask or bias), XLA otherwise.
     ``jax.nn.dot_product_attention``'s own ``None`` means XLA everywhere (its cuDNN
-    auto-selection is a TODO), which on an H200 ran a GPT-2 attention layer 6-12x slower than
-    cuDNN (``benchmarks/gpu.py``);
+    auto-selection is a TODO), which materialises the scores on a GPU (``benchmarks/gpu.py``,
+    measurements in ``benchmarks/LOG.md``);
   * ``"xla"`` / ``"cudnn"``: forwarded to ``jax.nn.dot_product_attention``;
   * ``"einsum"``: the reference written out below. Dropout on the attention weights, which
     the fused kernels do not take, always runs through it.
@@ -183,8 +183,7 @@ def causal_chunked_attention(
 
     This is the XLA path for causal calls (``dot_product_attention`` with
     ``implementation=None`` where ``auto_implementation`` picks XLA): with materialised
-    scores, skipping the masked blocks made causal attention forward+backward on a 2-core
-    CPU 1.3-1.8x faster at n = 64 to 256 and 2.6-2.8x at n = 1024 (``benchmarks/README.md``).
+    scores, skipping the masked blocks saves their work (measured in ``benchmarks/LOG.md``).
     """
     n = q.shape[1]
     if k.shape[1] != n:

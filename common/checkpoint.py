@@ -31,10 +31,10 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 # Orbax's default "replica-parallel" save splits every replicated array across its replicas,
-# which compiles one slicing program per device and array shape before the first save: ~10 s
-# for a 40-leaf state replicated over 8 CPU devices, against 0.2 s without. It pays only when
-# several hosts share large replicated arrays; here each shard is written once, from its
-# first replica. (Orbax's type-handler registry is global, so this holds process-wide.)
+# which compiles one slicing program per device and array shape before the first save (slow
+# for a many-leaf state over many devices). It pays only when several hosts share large
+# replicated arrays; here each shard is written once, from its first replica. (Orbax's
+# type-handler registry is global, so this holds process-wide.)
 _absl_log = logging.getLogger("absl")
 _level = _absl_log.level
 _absl_log.setLevel(logging.ERROR)  # orbax warns about the override it was asked for

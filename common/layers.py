@@ -41,13 +41,10 @@ def flat_dot_general(
     and reshaped back; any other contraction goes to ``dot_general`` unchanged. Same values.
     Why: the kernel's gradient contracts over every leading axis; kept apart (``[batch, len,
     in]``), XLA CPU lowers that contraction to a transposed copy of the output gradient and
-    a dot with both operands transposed, 28 GFLOP/s against 79 for the flattened one on one
-    core (``[16384, 64]^T [16384, 128]``). Flattened, one GPT-2 train step of
-    ``benchmarks/gpt.py`` takes 10% less time and the encoder-decoder's 7% less. Not always
-    faster: the Fashion-MNIST Swin on two one-thread data-parallel devices ran 12% fewer
-    images/s with it in every projection (its weight gradients became single-thread Eigen
-    dots), so Swin's attention projections keep ``jax.lax.dot_general``; its MLP uses this
-    one, which the narrowing gradient below made faster there too. Pass it as
+    a slow dot with both operands transposed; flattened, it is one plain matmul. Not always
+    faster: on one-thread data-parallel devices the weight gradients of Swin's attention
+    projections become single-thread Eigen dots, so those keep ``jax.lax.dot_general``
+    (measurements: ``benchmarks/LOG.md``). Pass it as
     ``dot_general=`` to ``nn.Dense`` / ``nn.DenseGeneral`` (the default of ``dense``, ``MLP``
     and ``StackedDense``). Projections that narrow (``in > out``) take their kernel gradient
     in the faster orientation (``_narrowing_matmul``).
@@ -83,13 +80,10 @@ def _narrowing_matmul(x: Array, kernel: Array) -> Array:
     """``x [n, in] @ kernel [in, out]`` for ``in > out``, whose kernel gradient is computed as
     ``(g^T x)^T``: the ``[out, in]`` product, with the longer axis last, then a transpose of
     that small result (behind an optimisation barrier, or XLA folds it back into the dot).
-    XLA CPU runs the row contraction 20-40% faster when its output's last axis is the longer
-    one (2 cores; up to 1.8x on one): ``[4096, 1536]^T [4096, 384]`` 29.3 -> 24.1 ms,
-    ``[2048, 1024]^T [2048, 256]`` 8.3 -> 6.0 ms. For ``in <= out`` the plain ``x^T g`` is
-    already that form. The encoder-decoder benchmark's train step (its feed-forward output
-    projections, 1024 -> 256) took 5% less time with it (0.574 -> 0.546 s, 12 alternating
-    rounds); GPT's step, where they are 4% of the FLOPs, the same within noise. Values
-    and gradients equal ``dot_general``'s (``tests/common/test_flat_dot_general.py``)."""
+    XLA CPU runs the row contraction faster when its output's last axis is the longer one;
+    for ``in <= out`` the plain ``x^T g`` is already that form (timings:
+    ``benchmarks/LOG.md``). Values and gradients equal ``dot_general``'s
+    (``tests/common/test_flat_dot_general.py``)."""
     return x @ kernel
 
 
@@ -103,10 +97,7 @@ def _narrowing_matmul_bwd(res, g):  # g: [n, out]
     dk_t = jax.lax.dot_general(g, x, (((0,), (0,)), ((), ())))  # [out, in]
     # The second barrier materialises the transposed kernel gradient once: without it XLA
     # fuses the transpose into each consumer (the gradient clip, AdamW's two moments, the
-    # norms), each then reading the [out, in] product with a stride. Swin-T step profile:
-    # the AdamW fusions of its [3072, 768] kernels 9.5 -> 4.5 ms each. Whole steps,
-    # alternating with the old code in one process: GPT 4.52 -> 4.45 s (6 rounds), the
-    # encoder-decoder 0.531 -> 0.523 s (8 rounds).
+    # norms), each then reading the [out, in] product with a stride.
     dk = jax.lax.optimization_barrier(jax.lax.optimization_barrier(dk_t).T)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
@@ -185,9 +176,7 @@ class StackedDense(nn.Module):
     projection. What differs is the computation: slicing q, k and v out of one fused output
     makes the backward pass zero-pad each of their gradients to the fused shape and add
     them, three full-size passes; separate dots give contiguous outputs whose input gradients
-    accumulate in the matmuls. Measured on this CPU, QKV projection + causal attention +
-    output projection, forward and backward: -19% at GPT's [16, 256, 384] with 6 heads, -13%
-    at [32, 64, 256] with 4 heads.
+    accumulate in the matmuls, which is faster (``benchmarks/LOG.md``).
 
     Returns a tuple of ``n`` arrays ``[..., *features]``.
     """

@@ -61,13 +61,11 @@ def projected_cross_entropy(
         dw = ((x / s)^T e)^T - scatter(x at targets)
 
     so no pass over the vocab-sized arrays rebuilds ``g`` (one pass less each way than
-    rebuilding it from saved logits: 2.53 -> 2.48 s for forward + backward at the GPT
-    benchmark's ``[4096, 384] x [384, 50257]``), and ``dw`` is contracted over tokens
+    rebuilding it from saved logits), and ``dw`` is contracted over tokens
     directly (a ``[d, vocab]`` transpose instead of a ``[tokens, vocab]`` one). Label
     smoothing ``eps`` adds ``eps * (picked logit - mean logit)`` per token, and the mean
-    logit is ``x . mean_v(w)``: its gradient is a rank-one term on the small sides too (the
-    encoder-decoder benchmark's step, smoothing 0.1: 3% less time than the composition, 10
-    alternating rounds). Logits are accumulated in float32 whatever the dtype of ``x`` and
+    logit is ``x . mean_v(w)``: its gradient is a rank-one term on the small sides too.
+    Logits are accumulated in float32 whatever the dtype of ``x`` and
     ``w``. The token axes are flattened first (see ``common.layers.flat_dot_general`` for
     why).
     """
@@ -100,10 +98,9 @@ def _projected_ce_fwd(x, w, targets, weights, eps):
 
 def _exp_rows(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(e, s, logsumexp)`` of finite ``[tokens, vocab]`` logits: ``e = exp(logits - max)``
-    and its row sums ``s``, taken as a matrix-vector product. On a CPU, XLA hands an
-    exponential feeding a row reduction to YNNPACK as one fused kernel, which ran the GPT
-    benchmark's ``[4096, 50257]`` rows in ~160 ms; as a separate exponential and a
-    matrix-vector product they take ~60 ms (``benchmarks/README.md``)."""
+    and its row sums ``s``, taken as a matrix-vector product: on a CPU, XLA hands an
+    exponential feeding a row reduction to YNNPACK as one fused kernel, which is slower than
+    a separate exponential and a matrix-vector product (``benchmarks/LOG.md``)."""
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     e = jnp.exp(logits - top)
     sums = e @ jnp.ones(logits.shape[-1], logits.dtype)

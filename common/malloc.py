@@ -1,10 +1,10 @@
 """glibc malloc settings for training and benchmark processes, set by re-executing once.
 
-Large temporaries (a GPT's ``[tokens, 50257]`` logits and their gradient, ~0.8 GB each; a
-vision model's activations) are freshly ``mmap``-ed and page-faulted on every step by
-glibc's default malloc: for the GPT benchmark's step ~790k minor faults and ~1.6 CPU-s of
-kernel time (torch: ~940k, ~2 s). Keeping freed memory in one arena's heap removes that
-(all three variables are needed; any one alone leaves the faults). glibc reads them at
+Large temporaries (a GPT's ``[tokens, 50257]`` logits and their gradient; a vision model's
+activations) are freshly ``mmap``-ed and page-faulted on every step by glibc's default
+malloc, which costs kernel time on every step (``benchmarks/LOG.md``, "malloc"). Keeping
+freed memory in one arena's heap removes that (all three variables are needed; any one alone
+leaves the faults). glibc reads them at
 start-up only, so a launcher re-executes the process once with them set.
 
 Imports nothing heavy: call it before jax or torch are imported. Opt out with

@@ -76,7 +76,7 @@ def decay_mask(params: Any) -> Any:
     """Weight decay on every parameter of rank >= 2, not on rank-1 ones (norm scales, plain
     biases). Rank >= 2 also covers the attention layers' per-head and fused q/k/v biases and
     Swin's relative position bias tables, which HF, timm and the Swin reference leave out;
-    leaving them out here was measured and is not adopted yet (README, Fashion-MNIST section)."""
+    leaving them out here was measured and is not adopted yet (docs/tried/gpt_shakespeare.md)."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 

@@ -65,8 +65,7 @@ def use_cpu_devices(count: int) -> int:
     ``-1``: one device per core this process may run on; ``0`` (or ``1``): XLA's default
     of one device whose ops use every core. For models whose step is many small ops, data
     parallelism over one-thread devices keeps every core busy where intra-op threading of
-    small ops does not: the Fashion-MNIST Swin step ran ~25% more images/s on the 2-core
-    machine as two one-thread devices than as one two-thread device. Accelerators are
+    small ops does not (the Fashion-MNIST Swin step, for one). Accelerators are
     unaffected (the flags are the CPU backend's). Sets ``XLA_FLAGS``, so it must run before
     jax starts its backends. If ``XLA_FLAGS`` already names either flag of
     ``CPU_DEVICE_FLAGS``, the user's setting wins and nothing is changed.

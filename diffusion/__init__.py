@@ -1,0 +1,1 @@
+"""Diffusion models (DDPM, DDIM): filled by the diffusion issue."""

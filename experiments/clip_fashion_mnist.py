@@ -48,7 +48,7 @@ from common import training
 from common.data import fashion_mnist
 from common.data.bpe import BPETokenizer
 from common.data.step_batches import StepBatches
-from experiments.zoo import lowered_flops
+from common.flops import lowered_flops
 from vision import clip
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -309,10 +309,9 @@ class SwinBlock(nn.Module):
             kernel_init=nn.initializers.truncated_normal(0.02),
             out_kernel_init=nn.initializers.truncated_normal(0.02),
             # MLP's default common.layers.flat_dot_general (its narrowing output projection
-            # takes the faster weight gradient): Swin-T step at 224, batch 8, alternating
-            # 2.01 -> 1.70 s; Fashion-MNIST launcher 826 / 883 -> 873 / 902 images/s. The
-            # attention projections keep jax.lax.dot_general (flattened too, the launcher
-            # ran 12% fewer images/s, before the narrowing gradient existed).
+            # takes the faster weight gradient) is faster here; the attention projections
+            # keep jax.lax.dot_general, which was faster flattened on one-thread devices
+            # (benchmarks/LOG.md).
             name="mlp",
             **kw,
         )(h, deterministic=self.deterministic)

@@ -209,7 +209,7 @@ def align(en: list[Verse], es: list[Verse], min_overlap: float = 0.95) -> list[P
 
 
 def read_pairs() -> list[Pair]:
-    """All aligned verse pairs, read through diatheke (~10 s)."""
+    """All aligned verse pairs, read through diatheke (both Bibles in full: seconds)."""
     en = parse_verses(run_diatheke(EN_MODULE), EN_MODULE)
     es = parse_verses(run_diatheke(ES_MODULE), ES_MODULE)
     return align(en, es)
@@ -269,7 +269,7 @@ class BibleEnEs(tfds.core.GeneratorBasedBuilder):
 
 def load_examples(split: str, data_dir: str | None = None) -> list[dict]:
     """The verse pairs of `split` as dicts (`en`, `es`, `book`, `ref`, `chapter`, `verse`,
-    `index`) in canonical order. Prepares `bible_en_es` (array_record, ~20 s) into
+    `index`) in canonical order. Prepares `bible_en_es` (array_record, once) into
     `data_dir` on first use; `None` means tfds's default data dir. `split` is any tfds split
     string over `train`, `validation`, `test` (e.g. `"test[:100]"`)."""
     builder = BibleEnEs(data_dir=data_dir, file_format="array_record")

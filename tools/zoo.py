@@ -1,9 +1,9 @@
 """Every preset of every model family with its exact parameter count, and for the vision
 presets the forward FLOPs at the preset's resolution.
 
-    python -m experiments.zoo            # one line per preset (format below)
-    python -m experiments.zoo swin       # only presets whose name contains "swin"
-    python -m experiments.zoo --no-flops # counts only (skips lowering the vision models)
+    python -m tools.zoo            # one line per preset (format below)
+    python -m tools.zoo swin       # only presets whose name contains "swin"
+    python -m tools.zoo --no-flops # counts only (skips lowering the vision models)
 
 Each line is ``<preset>\t<parameter count>``, and for presets whose FLOPs are known (ViT,
 Swin, CLIP) two more columns: ``\t<forward FLOPs>\t<forward multiply-adds>``, with
@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from common.flops import lowered_flops
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from vision import clip, swin, vit
 
@@ -94,18 +95,6 @@ FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
     lambda: _images(swin),
     _clip,
 )
-
-
-def lowered_flops(lowered: jax.stages.Lowered) -> float:
-    """FLOPs of a lowered program from XLA's HLO cost analysis (compiles only as a fallback,
-    for backends whose lowered programs give no analysis)."""
-    for analyse in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
-        cost = analyse()
-        if isinstance(cost, list | tuple):
-            cost = cost[0] if cost else None
-        if cost and "flops" in cost:
-            return float(cost["flops"])
-    raise RuntimeError("XLA's cost analysis gave no FLOPs for this program")
 
 
 def rows(pattern: str = "", flops: bool = True) -> Iterator[tuple[str, int, float | None]]:

@@ -1,11 +1,11 @@
-"""``python -m experiments.zoo`` lists every preset once with its exact parameter count, and
+"""``python -m tools.zoo`` lists every preset once with its exact parameter count, and
 the vision presets with XLA's forward FLOPs (checked against a matmul count by hand and the
 Swin paper's published figure)."""
 
 import pytest
 
-from experiments import zoo
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
+from tools import zoo
 from vision import clip, swin, vit
 
 MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip)
