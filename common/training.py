@@ -10,6 +10,17 @@
 * ``train`` is the loop every experiment uses: mesh, sharded init, auto-resume, jit with
   explicit shardings and donated state, logging, evaluation, checkpoints, and a clean stop on
   a non-finite loss or non-finite parameters that leaves the last good checkpoint in place.
+  It returns a ``TrainResult``: the final state, the last evaluation and logged train
+  metrics, median throughput, and the training time and resume count of the whole run
+  (kept in each checkpoint), so no caller reads its own ``metrics.jsonl`` back.
+
+An experiment's main, after building data and model (see ``experiments/gpt_shakespeare.py``)::
+
+    result = training.train(config=config, workdir=workdir, init_fn=init_fn,
+                            loss_fn=loss_fn, train_data=train_data, evaluate=evaluate,
+                            meta={"model": ..., "data": ...}, tokens_per_step=bs * seq_len)
+    summary = {**my_test_metrics(result.state.params), **result.summary()}
+    results.write(workdir, summary, headline=(...))
 """
 
 from __future__ import annotations
