@@ -175,7 +175,7 @@ class Sam(nn.Module):
         masks: Array | None = None,
         multimask_output: bool = True,
     ) -> tuple[Array, Array]:
-        """Prompts in the padded input frame -> low-res mask logits ``[b, m, 4g, 4g]``, IoU ``[b, m]``.
+        """Prompts (padded input frame) -> low-res logits ``[b, m, 4g, 4g]``, IoU ``[b, m]``.
 
         ``image_embeddings`` is ``[1, g, g, dim]`` (shared by all prompts) or ``[b, g, g,
         dim]``; ``points`` ``[b, n, 2]`` with ``labels`` ``[b, n]`` (1 foreground, 0
