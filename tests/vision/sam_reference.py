@@ -61,26 +61,44 @@ def _stub_torchvision() -> None:
     boxes_mod = types.ModuleType("torchvision.ops.boxes")
     boxes_mod.batched_nms, boxes_mod.box_area, boxes_mod.nms = batched_nms, box_area, nms
     tv.transforms, transforms.functional, tv.ops, ops.boxes = transforms, functional, ops, boxes_mod
-    sys.modules.update(
-        {
-            "torchvision": tv,
-            "torchvision.transforms": transforms,
-            "torchvision.transforms.functional": functional,
-            "torchvision.ops": ops,
-            "torchvision.ops.boxes": boxes_mod,
-        }
-    )
+    return {
+        "torchvision": tv,
+        "torchvision.transforms": transforms,
+        "torchvision.transforms.functional": functional,
+        "torchvision.ops": ops,
+        "torchvision.ops.boxes": boxes_mod,
+    }
+
+
+def _drop_torchvision() -> None:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
 
 
 def segment_anything():
-    """The ``segment_anything`` package (``ImportError`` if it is not installed)."""
+    """The ``segment_anything`` package (``ImportError`` if it is not installed).
+
+    Without a working torchvision, the stand-in modules are registered only while
+    ``segment_anything`` imports (its modules keep the functions they imported) and removed
+    afterwards, so other libraries in the same process (transformers checks for torchvision
+    with ``find_spec``) still see no torchvision.
+    """
+    if "segment_anything" in sys.modules:
+        return sys.modules["segment_anything"]
     try:
         importlib.import_module("torchvision")
-    except Exception:  # not installed, or the CUDA build failing to load its operators
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        _stub_torchvision()
-    return importlib.import_module("segment_anything")
+        return importlib.import_module("segment_anything")
+    except ImportError as e:
+        if "segment_anything" in str(e):
+            raise
+    except Exception:  # the CUDA build failing to load its operators
+        pass
+    _drop_torchvision()
+    sys.modules.update(_stub_torchvision())
+    try:
+        return importlib.import_module("segment_anything")
+    finally:
+        _drop_torchvision()
 
 
 def build_tiny(seed: int = 0, **overrides):

@@ -84,7 +84,9 @@ class TwoWayBlock(nn.Module):
     ) -> tuple[Array, Array]:
         # queries: [b, tokens, dim]; keys: [b, h*w, dim]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name, **kw)
+        ln = lambda name: nn.LayerNorm(
+            epsilon=self.layer_norm_eps, use_fast_variance=False, name=name, **kw
+        )
         attn = lambda rate, name: DownsampledAttention(self.num_heads, rate, name=name, **kw)
         if self.skip_first_pe:
             queries = attn(1, "self_attn")(queries, queries, queries)
@@ -212,14 +214,16 @@ class MaskDecoder(nn.Module):
             self.num_heads, self.attention_downsample_rate, name="final_attn", **kw
         )
         queries = queries + final(queries + tokens, keys + key_pe, keys)
-        queries = nn.LayerNorm(epsilon=1e-5, name="final_ln", **kw)(queries)  # [b, tokens, d]
+        queries = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="final_ln", **kw)(
+            queries
+        )  # [b, tokens, d]
         iou_out = queries[:, 0]  # [b, d]
         mask_out = queries[:, 1 : 1 + m]  # [b, m, d]
 
         gelu = lambda t: jax.nn.gelu(t, approximate=False)
         x = keys.reshape(b, h, w, d)
         x = Upsample2x(d // 4, name="upscale_0", **kw)(x)  # [b, 2h, 2w, d/4]
-        x = gelu(nn.LayerNorm(epsilon=1e-6, name="upscale_ln", **kw)(x))
+        x = gelu(nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="upscale_ln", **kw)(x))
         x = gelu(Upsample2x(d // 8, name="upscale_1", **kw)(x))  # [b, 4h, 4w, d/8]
         hyper = jnp.stack(
             [HeadMLP(d, d // 8, 3, name=f"hypernet_{i}", **kw)(mask_out[:, i]) for i in range(m)],

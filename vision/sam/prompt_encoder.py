@@ -63,9 +63,9 @@ class PromptEncoder(nn.Module):
         )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.mask_conv_0 = nn.Conv(c // 4, (2, 2), strides=(2, 2), padding="VALID", **kw)
-        self.mask_ln_0 = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.mask_ln_0 = nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False, **kw)
         self.mask_conv_1 = nn.Conv(c, (2, 2), strides=(2, 2), padding="VALID", **kw)
-        self.mask_ln_1 = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+        self.mask_ln_1 = nn.LayerNorm(epsilon=self.layer_norm_eps, use_fast_variance=False, **kw)
         self.mask_conv_2 = nn.Conv(d, (1, 1), **kw)
 
     @property
