@@ -16,8 +16,9 @@
   m, H, W]``, ``iou_predictions`` ``[(b,) m]`` and the low-resolution logits ``[(b,) m, 4g,
   4g]`` that a next round can pass back as ``mask_input``.
 
-Point labels: 1 foreground, 0 background, -1 padding (ignored; lets prompts of a batch
-have different numbers of points).
+Point labels: 1 foreground, 0 background, -1 padding. A padding point is not ignored: it
+becomes the learned "not a point" token, as in the reference (which appends one itself when
+no box is given), so a padded prompt gives slightly different masks than the same prompt unpadded.
 """
 
 from __future__ import annotations
