@@ -60,7 +60,7 @@ def _decode(model, variables, emb, points, labels, boxes, masks, multimask=True)
 def tiny():
     """The reference tiny SAM, ours and the converted variables."""
     ref = sam_reference.build_tiny(seed=0)
-    model = sam_model.build("sam-tiny")
+    model = sam_model.from_preset("sam-tiny")
     return ref, model, sam_convert.sam_variables_from_torch(ref.state_dict(), model)
 
 
@@ -129,7 +129,7 @@ def test_windowed_attention_with_padding_equals_reference(image_size, patch, win
     ref = sam_reference.build_tiny(
         seed=4, image_size=image_size, patch_size=patch, window_size=window, depth=3
     )
-    model = sam_model.build(
+    model = sam_model.from_preset(
         "sam-tiny",
         image_size=image_size,
         patch_size=patch,
@@ -186,7 +186,7 @@ def test_preset_counts_equal_reference():
             part: sum(p.numel() for p in getattr(ref, part).parameters())
             for part in ("image_encoder", "prompt_encoder", "mask_decoder")
         }
-        assert sam_model.parameter_counts(sam_model.build(ours)) == want, ours
+        assert sam_model.parameter_counts(sam_model.from_preset(ours)) == want, ours
     assert want == {
         "image_encoder": 637_026_048,
         "prompt_encoder": 6_220,
@@ -196,7 +196,7 @@ def test_preset_counts_equal_reference():
 
 def test_checkpoint_of_another_size_names_the_mismatch(tiny):
     ref, _, _ = tiny
-    wider = sam_model.build("sam-tiny", encoder_dim=48, encoder_heads=3)
+    wider = sam_model.from_preset("sam-tiny", encoder_dim=48, encoder_heads=3)
     with pytest.raises(ValueError, match="encoder_dim: checkpoint 32 vs model 48.*sam-tiny"):
         sam_convert.sam_variables_from_torch(ref.state_dict(), wider)
     with torch.device("meta"):
@@ -206,7 +206,7 @@ def test_checkpoint_of_another_size_names_the_mismatch(tiny):
     }
     assert sam_convert.preset_for_state_dict(fake) == "sam-vit-h"
     with pytest.raises(ValueError, match="encoder_dim: checkpoint 1280 vs model 768.*sam-vit-h"):
-        sam_convert.sam_variables_from_torch(fake, sam_model.build("sam-vit-b"))
+        sam_convert.sam_variables_from_torch(fake, sam_model.from_preset("sam-vit-b"))
 
 
 def test_pth_file_loads_with_weights_only(tiny, tmp_path):

@@ -32,7 +32,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def pair():
     ref = sam_reference.build_tiny(seed=10)
-    model = sam_model.build("sam-tiny")
+    model = sam_model.from_preset("sam-tiny")
     ours = SamPredictor(model, sam_convert.sam_variables_from_torch(ref.state_dict(), model))
     return sam_reference.segment_anything().SamPredictor(ref), ours
 

@@ -356,5 +356,5 @@ def load_torch(
             f"{sorted(sam_model.PRESETS)}; build the Sam yourself and call "
             "sam_variables_from_torch"
         )
-    model = sam_model.build(preset, **overrides)
+    model = sam_model.from_preset(preset, **overrides)
     return model, sam_variables_from_torch(raw, model)

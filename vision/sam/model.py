@@ -201,7 +201,7 @@ class Sam(nn.Module):
         )
 
 
-def build(name: str, **overrides: Any) -> Sam:
+def from_preset(name: str, **overrides: Any) -> Sam:
     """A ``Sam`` from ``PRESETS[name]`` with field overrides (``dtype=jnp.bfloat16`` ...)."""
     return presets_lib.build(Sam, PRESETS, name, **overrides)
 
