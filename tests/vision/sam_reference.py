@@ -101,10 +101,11 @@ def segment_anything():
         _drop_torchvision()
 
 
-def build_tiny(seed: int = 0, **overrides):
+def build_tiny(seed: int = 0, randomize_all: bool = True, **overrides):
     """A reference ``Sam`` with ``sam-tiny``'s sizes, every parameter drawn at random.
 
-    Random (not the reference's init) so that zero-initialised tables and biases are tested.
+    Random (not the reference's init) so that zero-initialised tables and biases are tested;
+    ``randomize_all=False`` keeps torch's init (seeded), whose masks vary across the image.
     """
     from functools import partial
 
@@ -152,9 +153,8 @@ def build_tiny(seed: int = 0, **overrides):
             iou_head_hidden_dim=32,
         ),
     )
-    randomize(sam, seed)
     del sa
-    return sam
+    return randomize(sam, seed) if randomize_all else sam.eval()
 
 
 def randomize(model, seed: int):
