@@ -308,6 +308,9 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
     inputs = sam_model.init_inputs(low)
     abstract = jax.eval_shape(lambda r: sam_model.init(low, r), jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(nn.meta.unbox(abstract))} == {jnp.dtype(jnp.float32)}
+    stored = model.clone(param_dtype=jnp.bfloat16)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda r: sam_model.init(stored, r), jax.random.key(0)))
+    assert {x.dtype for x in jax.tree.leaves(abstract["params"])} == {jnp.dtype(jnp.bfloat16)}
     jaxpr = jax.make_jaxpr(lambda v: low.apply(v, **inputs))(variables).jaxpr
     ops = _matmul_operand_dtypes(jaxpr)
     assert len(ops) > 20
