@@ -6,7 +6,7 @@ presets the forward FLOPs at the preset's resolution.
     python -m tools.zoo --no-flops # counts only (skips lowering the vision models)
 
 Each line is ``<preset>\t<parameter count>``, and for presets whose FLOPs are known (ViT,
-Swin, CLIP) two more columns: ``\t<forward FLOPs>\t<forward multiply-adds>``, with
+Swin, CLIP, SAM) two more columns: ``\t<forward FLOPs>\t<forward multiply-adds>``, with
 multiply-adds = FLOPs / 2 (the unit papers quote: Swin-T "4.5G FLOPs" are multiply-adds).
 The FLOPs are XLA's cost analysis (``jax.jit(apply).lower(...).cost_analysis()``) of one
 forward pass on a batch of one image at the preset's resolution (CLIP: one image and one
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from common.flops import lowered_flops
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from vision import clip, swin, vit
+from vision.sam import model as sam
 
 # A family yields (name, init) or (name, init, lower): ``init()`` builds the variables,
 # ``lower(variables)`` lowers one forward pass for the cost analysis (FLOPs).
@@ -84,6 +85,20 @@ def _clip() -> Iterator[Entry]:
         )
 
 
+def _sam() -> Iterator[Entry]:
+    """SAM presets (segment_anything's ``Sam`` count; the prompt encoder's random Fourier
+    matrix is a buffer, not a parameter); FLOPs: one image at the preset's resolution plus
+    one prompt (a point, a box and a mask)."""
+    for name in sam.PRESETS:
+        model = sam.from_preset(name)
+        inputs = sam.init_inputs(model)
+        yield (
+            name,
+            lambda m=model: sam.init(m, jax.random.key(0)),
+            lambda v, m=model, a=inputs: jax.jit(lambda v: m.apply(v, **a)).lower(v),
+        )
+
+
 # One entry per family; later families add theirs here.
 FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
     lambda: _lm(gpt),
@@ -94,6 +109,7 @@ FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
     lambda: _images(vit),
     lambda: _images(swin),
     _clip,
+    _sam,
 )
 
 

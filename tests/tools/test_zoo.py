@@ -7,8 +7,9 @@ import pytest
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from tools import zoo
 from vision import clip, swin, vit
+from vision.sam import model as sam
 
-MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip)
+MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip, sam)
 
 
 def test_zoo_lists_every_preset_once():
@@ -22,6 +23,9 @@ def test_zoo_lists_every_preset_once():
     assert rows["gpt1"] == 116_534_784  # OpenAIGPTLMHeadModel
     assert rows["clip-vit-b/32"] == 151_277_313  # CLIPModel (openai/clip-vit-base-patch32)
     assert rows["clip-vit-l/14"] == 427_616_513  # CLIPModel (openai/clip-vit-large-patch14)
+    # segment_anything's Sam: image encoder + prompt encoder (6,220) + mask decoder (4,058,340)
+    assert rows["sam-vit-b"] == 93_735_472
+    assert rows["sam-vit-h"] == 641_090_608
 
 
 def _vit_macs(image: int, patch: int, layers: int, d: int, d_ff: int, classes: int) -> int:
