@@ -5,7 +5,8 @@ Pillow only (no plotting library): every function returns a ``PIL.Image.Image`` 
 ``[h, w, 1]`` or ``[h, w, 3]``, uint8 or float in ``[0, 1]`` (``to_uint8``).
 
 * ``image_grid``: ``rows x cols`` images, nearest-neighbour upscaled, each with optional
-  caption lines and colours (a grid of test images captioned with the predicted label).
+  caption lines and colours; ``prediction_grid``: test images captioned with the predicted
+  class, green when right.
 * ``overlay``: a binary or label mask blended over an image (a segmentation).
 * ``label_picture`` / ``mask_panels``: a label map as colours with a grid of window borders;
   binary masks side by side. ``shifted_window_picture`` puts the two together to show Swin's
@@ -100,14 +101,38 @@ def image_grid(
         picture = Image.fromarray(tile).resize((w, h), Image.NEAREST).convert("RGB")
         canvas.paste(picture, (x0 + (cell_w - w) // 2, y0))
         color = colors[k] if colors[k] is not None else "black"
-        line_colors = color if isinstance(color, list | tuple) and not _isrgb(color) else None
+        line_colors = (
+            color if isinstance(color, list | tuple) and not _is_rgb_triple(color) else None
+        )
         for i, text in enumerate(lines[k]):
             fill = line_colors[i] if line_colors is not None else color
             draw.text((x0 + 2, y0 + h + 1 + i * LINE_HEIGHT), text, fill=fill, font=font)
     return canvas
 
 
-def _isrgb(color: Any) -> bool:
+def prediction_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    class_names: Sequence[str],
+    rows: int,
+    cols: int,
+    scale: int = 3,
+) -> Image.Image:
+    """``image_grid`` of the first ``rows * cols`` images of a classifier's test set, each
+    captioned with its predicted class: green when right; red, then the true class in
+    parentheses, when wrong."""
+    n = min(rows * cols, len(images))
+    right = np.asarray(predictions[:n]) == np.asarray(labels[:n])
+    captions = [
+        [class_names[p]] + ([] if ok else [f"({class_names[t]})"])
+        for p, t, ok in zip(predictions[:n], labels[:n], right, strict=True)
+    ]
+    colors = [[(0, 130, 0)] if ok else [(255, 0, 0), (0, 0, 0)] for ok in right]
+    return image_grid(images[:n], rows, cols, scale=scale, captions=captions, colors=colors)
+
+
+def _is_rgb_triple(color: Any) -> bool:
     return len(color) == 3 and all(isinstance(v, int | np.integer) for v in color)
 
 

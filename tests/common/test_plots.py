@@ -102,3 +102,15 @@ def test_curves_draw_each_series_at_its_points(tmp_path):
         plots.curves({"x": ([0, 1], [1.0])})
     with pytest.raises(ValueError, match="non-finite"):
         plots.curves({"x": ([0, 1], [1.0, float("nan")])})
+
+
+def test_prediction_grid_captions_right_green_and_wrong_red_with_the_truth():
+    images = np.zeros((3, 4, 4, 1), np.uint8)
+    grid = plots.prediction_grid(images, np.array([0, 1, 1]), np.array([0, 0, 1]), "ab", 1, 2)
+    pixels = np.asarray(grid)
+    assert pixels.shape == (12 + 2 * plots.LINE_HEIGHT + 4, 2 * 96, 3)  # two cells of three
+    right, wrong = pixels[12:, :96].reshape(-1, 3), pixels[12:, 96:].reshape(-1, 3)
+    colours = lambda p: {tuple(c) for c in np.unique(p, axis=0)}
+    assert colours(right) == {(255, 255, 255), (0, 130, 0)}
+    assert colours(wrong) == {(255, 255, 255), (255, 0, 0), (0, 0, 0)}
+    assert (pixels[12 + plots.LINE_HEIGHT + 1 :, 96:] == [255, 0, 0]).all(-1).sum() == 0
