@@ -28,8 +28,7 @@ Models for 28 x 28 x 1 inputs:
 * ViT (Dosovitskiy et al. 2021): 4 x 4 patches -> 49 tokens of global attention, mean pooled
   (the class token learns more slowly on a short budget).
 
-The workdir also gets ``predictions.png`` (test images captioned with the predicted label,
-green when right) and, for Swin, ``swin_shift_mask.png`` (stage 0's shifted-window mask).
+Pictures in the workdir: ``predictions.png``; for Swin ``swin_shift_mask.png`` (stage 0).
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from common.losses import cross_entropy
 from vision import augment, swin, vit
 
 FAMILIES = ("swin", "vit")
+NUM_CLASSES = len(fashion_mnist.CLASS_NAMES)
 BLACK = augment.background(fashion_mnist.PIXEL_MEAN, fashion_mnist.PIXEL_STD)
 
 
@@ -145,7 +145,7 @@ def build_model(config) -> swin.Swin | vit.ViT:
         raise ValueError(f"model.family={family!r} is not one of {FAMILIES}")
     fields = dict(config.model[family])
     h, _, channels = fashion_mnist.IMAGE_SHAPE
-    shared = dict(num_classes=len(fashion_mnist.CLASS_NAMES), image_size=h, num_channels=channels)
+    shared = dict(num_classes=NUM_CLASSES, image_size=h, num_channels=channels)
     shared["dtype"] = config_lib.dtype(config.model.dtype)
     if family == "swin":
         for key in ("depths", "num_heads", "stem_channels"):
@@ -190,12 +190,11 @@ def make_predictor(model, mesh, batch_size: int, flip_tta: bool = False, shift_t
 
 
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """``classification_metrics`` of the argmax, and ``loss``: the mean negative log
-    likelihood of the labels."""
+    """``classification_metrics`` of the argmax (``recall_<label id>``: names with spaces and
+    slashes are not TensorBoard tags), and ``loss``: the mean NLL of the labels."""
     logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
     nll = -np.take_along_axis(logp, labels[:, None], 1).mean()
-    names = fashion_mnist.CLASS_NAMES
-    metrics = evaluation.classification_metrics(logits.argmax(-1), labels, len(names), names)
+    metrics = evaluation.classification_metrics(logits.argmax(-1), labels, NUM_CLASSES)
     return {**metrics, "loss": float(nll)}
 
 
@@ -258,13 +257,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "raw_test_accuracy": scores(predict_final(raw_params, test_x), test_y)["accuracy"],
             "raw_val_accuracy": scores(predict_final(raw_params, val_x), val_y)["accuracy"],
         }
+    recall = {n: test.get(f"recall_{i}") for i, n in enumerate(fashion_mnist.CLASS_NAMES)}
     summary = {
         "family": family,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "test_accuracy_by_tta": {k: scores(v, test_y)["accuracy"] for k, v in by_tta.items()},
         "test_balanced_accuracy": test["balanced_accuracy"],
-        "test_recall": {n: test[f"recall_{n}"] for n in fashion_mnist.CLASS_NAMES},
+        "test_recall": recall,
         "val_accuracy": val["accuracy"],
         **raw,
         "params": training.param_count(abstract),
