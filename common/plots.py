@@ -164,7 +164,11 @@ def overlay(
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
     labels = mask.astype(np.int64)
     if colors is None:
-        table = np.array([[255, 0, 0]], np.uint8) if mask.dtype == bool else palette(labels.max())
+        table = (
+            np.array([[255, 0, 0]], np.uint8)
+            if mask.dtype == bool
+            else palette(max(labels.max(), 1))
+        )
     else:
         table = np.array([rgb(c) for c in colors], np.uint8)
     if labels.min() < 0 or labels.max() > len(table):

@@ -62,6 +62,8 @@ def test_overlay_blends_binary_and_label_masks():
     for (i, j), label in np.ndenumerate(labels):
         want = [100] * 3 if label == 0 else np.round(50 + 0.5 * np.array(colors[label - 1]))
         np.testing.assert_array_equal(out[i, j], want)
+    no_labels = plots.overlay(image, np.zeros((2, 3), int))  # label 0 everywhere: unchanged
+    np.testing.assert_array_equal(no_labels, np.full((2, 3, 3), 100, np.uint8))
     with pytest.raises(ValueError, match="mask shape"):
         plots.overlay(image, labels[:1])
     with pytest.raises(ValueError, match="need 2 colours"):
