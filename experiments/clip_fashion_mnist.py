@@ -1,57 +1,46 @@
 """CLIP on Fashion-MNIST image-caption pairs, then zero-shot classification of the test set.
 
-Launch (default config: 800 steps of 128 pairs, 0.48M params; measured 16 min of training at
-~130 images/s on this project's 2-core CPU while it was shared (load ~20), zero-shot test
-accuracy 0.867 with the unseen templates):
+Launch (results and what was tried: ``docs/results.md``, ``docs/tried/clip_fashion_mnist.md``):
 
     python -m experiments.clip_fashion_mnist --workdir workdirs/clip_fashion_mnist
-
-Variants and overrides:
-
     python -m experiments.clip_fashion_mnist --workdir /tmp/cf \
         --config=experiments/clip_fashion_mnist.py:smoke --config.train.steps=50
 
 The captions are templates, not human captions (there are none offline): each training
 image is paired with ``template.format(class name)`` for a template drawn at random from
-``TRAIN_TEMPLATES`` ("a photo of a {}.", "a grayscale photo of a {}." ...). Images are the
-real Fashion-MNIST images (``common.data.fashion_mnist``: train minus a fixed 5,000-image
+``TRAIN_TEMPLATES`` (``common.data.classification.CaptionedImages``). Images are the real
+Fashion-MNIST images (``common.data.fashion_mnist``: train less a fixed 5,000-image
 validation split for training, the validation split for evaluation during training, the
 test split once at the end). Captions are tokenised with a byte-level BPE trained on the
-training captions (``common.data.bpe``; kept in the workdir), ``<|endoftext|>`` closing
-each caption and padding it, and the text feature is read at that token.
+training captions (kept in the workdir), ``<|endoftext|>`` closing each caption and padding
+it; the text feature is read at that token.
 
 Zero-shot evaluation (Radford et al. 2021, section 3.1.4): class embeddings are the
 normalised mean text embeddings of ``TEST_TEMPLATES`` filled with each class name -
 templates never seen in training (checked) - and each test image gets the class of its most
-similar embedding. The run prints ``zero_shot_accuracy=<test accuracy>`` and writes
-``results.json`` (also the accuracy with the training templates, for comparison).
-Chance is 10%. Training uses the platform's trainer (``common.training.train``):
-checkpoints, resume from the workdir, metrics.jsonl and TensorBoard; its AdamW is followed
-by ``clip.clamp_logit_scale``, which keeps the temperature parameter in ``[0, log 100]``
-after each step as CLIP does.
+similar embedding; ``results.json`` also holds the accuracy with the training templates, for
+comparison. The trainer's AdamW is followed by ``clip.clamp_logit_scale``, which keeps the
+temperature parameter in ``[0, log 100]`` after each step as CLIP does.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
+from common import config as config_lib
+from common import evaluation, results, training
 from common import sharding as sharding_lib
-from common import training
 from common.data import fashion_mnist
-from common.data.bpe import BPETokenizer
-from common.data.step_batches import StepBatches
+from common.data.bpe import BPETokenizer, load_or_train_bpe
+from common.data.classification import CaptionedImages
 from common.flops import lowered_flops
 from vision import clip
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Names used in captions and prompts, in label order (fashion_mnist.CLASS_NAMES).
 CAPTION_NAMES: tuple[str, ...] = (
     "t-shirt",
@@ -92,8 +81,6 @@ TEST_TEMPLATES: tuple[str, ...] = (
     "a tiny thumbnail of a {}.",
     "an example of a {}.",
 )
-# Fashion-MNIST pixel statistics (training set), for input normalisation.
-MEAN, STD = 0.2860, 0.3530
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -122,32 +109,22 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",
         remat=False,
     )
-    c.optim = dict(
-        lr=2e-3,
-        schedule="cosine",
-        warmup_steps=50,
-        total_steps=-1,
-        min_lr_ratio=0.05,
-        b1=0.9,
+    c.optim = config_lib.optim(
+        lr=2e-3,  # a tiny model tolerates a higher peak
+        warmup_steps=50,  # a short run: a short warmup
+        min_lr_ratio=0.05,  # decay further: the run ends at the schedule's end
         b2=0.98,  # the paper's beta2 for ViTs
-        eps=1e-6,
-        weight_decay=0.1,
-        grad_clip=1.0,
+        eps=1e-6,  # the paper's epsilon for ViTs
     )
-    c.train = dict(
+    c.train = config_lib.train(
         steps=800,
-        batch_size=128,  # contrastive batch: 128 x 128 pairs
-        accum_steps=1,  # >1 makes each micro-batch its own contrastive batch
-        log_every=25,
-        eval_every=200,
+        batch_size=128,  # contrastive batch: 128 x 128 pairs (accum_steps > 1 splits it)
+        eval_every=200,  # a zero-shot evaluation encodes every prompt and validation image
         checkpoint_every=200,
-        keep_checkpoints=3,
-        async_checkpoint=True,
-        report_mfu=True,
     )
     c.eval = dict(batch_size=512)
-    c.mesh = dict(data=-1, fsdp=1, rules=[list(r) for r in sharding_lib.DEFAULT_RULES])
-    if variant == "smoke":  # well under a minute of training: plumbing plus some learning
+    c.mesh = config_lib.mesh()
+    if variant == "smoke":  # plumbing plus some learning
         c.model.update(vision_layers=1, vision_d_model=64, vision_d_ff=128, text_layers=1)
         c.model.update(text_d_model=32, text_d_ff=64, projection_dim=32)
         c.optim.update(lr=3e-3, warmup_steps=10)
@@ -157,22 +134,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     elif variant not in (None, ""):
         raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
     return c
-
-
-# --------------------------------------------------------------------------- text
-
-
-def load_tokenizer(config, workdir: str) -> BPETokenizer:
-    """BPE trained on the training captions once, then read back from the workdir."""
-    path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(path):
-        return BPETokenizer.load(path)
-    captions = [t.format(n) for t in TRAIN_TEMPLATES for n in CAPTION_NAMES]
-    tok = BPETokenizer.train(captions, config.data.vocab_size)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tok.save(path)
-    return tok
 
 
 def make_tokenize(tok: BPETokenizer, context_length: int):
@@ -204,63 +165,10 @@ def check_templates() -> None:
         )
 
 
-# --------------------------------------------------------------------------- data
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 ``[n, 28, 28, 1]`` -> float32, zero mean and unit variance over the dataset."""
-    return (images.astype(np.float32) / 255.0 - MEAN) / STD
-
-
-class CaptionedImages(StepBatches):
-    """Training batches ``{"images" [b, 28, 28, 1], "tokens" [b, context]}``.
-
-    Row ``r`` of batch ``s`` is a random image with a caption from a random template
-    filled with its class name; batch ``s`` is a pure function of ``(seed, s)``, so the
-    pipeline's state is one step counter (saved with each checkpoint).
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,  # uint8 [n, 28, 28, 1]
-        labels: np.ndarray,  # int [n]
-        captions: np.ndarray,  # int32 [templates, classes, context]: pre-tokenised captions
-        batch_size: int,
-        *,
-        seed: int = 0,
-        process_rows: slice | None = None,
-    ):
-        if len(images) != len(labels) or len(labels) == 0:
-            raise ValueError(f"{len(images)} images for {len(labels)} labels")
-        if labels.max() >= captions.shape[1]:
-            raise ValueError(
-                f"label {labels.max()} has no caption: {captions.shape[1]} class names"
-            )
-        self.images, self.labels, self.captions = images, labels, captions
-        self.batch_size, self.seed = batch_size, seed
-        self.rows = process_rows if process_rows is not None else slice(0, batch_size)
-        self.step = 0
-
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, step])
-        idx = rng.integers(len(self.labels), size=self.batch_size)[self.rows]
-        tmpl = rng.integers(self.captions.shape[0], size=self.batch_size)[self.rows]
-        return {
-            "images": normalize(self.images[idx]),
-            "tokens": self.captions[tmpl, self.labels[idx]],
-        }
-
-
-# --------------------------------------------------------------------------- model
-
-
 def build_model(config, tok: BPETokenizer) -> clip.CLIP:
     m = dict(config.model)
-    preset = m.pop("preset")
-    dtype = m.pop("dtype")
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    h, w, c = fashion_mnist.IMAGE_SHAPE
+    preset, dtype = m.pop("preset"), config_lib.dtype(m.pop("dtype"))
+    h, _, c = fashion_mnist.IMAGE_SHAPE
     return clip.from_preset(
         preset,
         **m,
@@ -269,50 +177,39 @@ def build_model(config, tok: BPETokenizer) -> clip.CLIP:
         vocab_size=tok.vocab_size,
         context_length=config.data.context_length,
         eos_token_id=tok.eot_id,
-        dtype=DTYPES[dtype],
+        dtype=dtype,
     )
 
 
 def make_zero_shot(model: clip.CLIP, tokenize, mesh, batch_size: int):
-    """``accuracy(params, images, labels, templates)``: zero-shot top-1 over whole arrays,
-    in batches of ``batch_size`` (the last one padded), each process feeding its rows."""
-    if batch_size % jax.device_count():
-        raise ValueError(
-            f"eval.batch_size={batch_size} is not divisible by {jax.device_count()} devices"
-        )
-    classify = jax.jit(lambda p, x, w: model.apply({"params": p}, x, w, method=clip.CLIP.classify))
-    rows = sharding_lib.process_batch_slice(batch_size)
+    """``metrics(params, images, labels, templates)``: ``classification_metrics`` of zero-shot
+    top-1 over standardised images, batched by the shared ``evaluation.predictor``."""
+    classify = lambda p, x, w: model.apply({"params": p}, x, w, method=clip.CLIP.classify)
+    # The "params" of the predictor are (CLIP params, class weights [classes, projection]).
+    predict = evaluation.predictor(
+        lambda pw, b: classify(pw[0], b["images"], pw[1]), mesh, batch_size
+    )
 
-    def accuracy(params, images: np.ndarray, labels: np.ndarray, templates) -> float:
+    def metrics(params, images: np.ndarray, labels: np.ndarray, templates) -> dict[str, float]:
         weights = model.zero_shot_weights({"params": params}, tokenize, CAPTION_NAMES, templates)
-        correct = 0
-        for start in range(0, len(labels), batch_size):
-            x = normalize(images[start : start + batch_size])
-            n = len(x)
-            if n < batch_size:  # pad the last batch: one compiled shape
-                x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-            logits = classify(params, sharding_lib.put_batch(x[rows], mesh), weights)
-            logits = multihost_utils.process_allgather(logits, tiled=True)  # [batch, classes]
-            pred = np.argmax(np.asarray(logits), -1)[:n]
-            correct += int((pred == labels[start : start + n]).sum())
-        return correct / len(labels)
+        logits = predict((params, weights), {"images": images})  # [n, classes]
+        return evaluation.classification_metrics(logits.argmax(-1), labels, len(CAPTION_NAMES))
 
-    return accuracy
+    return metrics
 
 
-def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, object]:
     t0 = time.time()
     check_templates()
-    data_dir = config.data.data_dir or None
+    dc, data_dir = config.data, config.data.data_dir or None
     train_x, train_y = fashion_mnist.load_arrays(fashion_mnist.TRAIN_MINUS_VALIDATION, data_dir)
     val_x, val_y = fashion_mnist.load_arrays(fashion_mnist.VALIDATION, data_dir)
-    if config.data.val_examples > 0:
-        val_x, val_y = val_x[: config.data.val_examples], val_y[: config.data.val_examples]
     test_x, test_y = fashion_mnist.load_arrays("test", data_dir)
-    if config.data.test_examples > 0:
-        test_x, test_y = test_x[: config.data.test_examples], test_y[: config.data.test_examples]
-    tok = load_tokenizer(config, workdir)
-    tokenize = make_tokenize(tok, config.data.context_length)
+    val_x, val_y = val_x[: dc.val_examples or None], val_y[: dc.val_examples or None]
+    test_x, test_y = test_x[: dc.test_examples or None], test_y[: dc.test_examples or None]
+    captions_text = lambda: [t.format(n) for t in TRAIN_TEMPLATES for n in CAPTION_NAMES]
+    tok = load_or_train_bpe(workdir, captions_text, dc.vocab_size)
+    tokenize = make_tokenize(tok, dc.context_length)
     captions = np.stack([tokenize([t.format(n) for n in CAPTION_NAMES]) for t in TRAIN_TEMPLATES])
     print(
         f"data: {len(train_y):,} training images x {len(TRAIN_TEMPLATES)} caption templates, "
@@ -320,9 +217,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         flush=True,
     )
 
-    with config.unlocked():
-        if config.optim.total_steps <= 0:
-            config.optim.total_steps = config.train.steps
     model = build_model(config, tok)
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     bs = config.train.batch_size
@@ -333,13 +227,13 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         bs,
         seed=config.seed,
         process_rows=sharding_lib.process_batch_slice(bs),
+        transform=fashion_mnist.normalize,
     )
     zero_shot = make_zero_shot(model, tokenize, mesh, config.eval.batch_size)
+    val_x, test_x = fashion_mnist.normalize(val_x), fashion_mnist.normalize(test_x)
 
-    def evaluate(params, step):
-        acc = zero_shot(params, val_x, val_y, TRAIN_TEMPLATES)
-        print(f"[eval] step {step}: validation zero_shot_accuracy={acc:.4f}", flush=True)
-        return {"zero_shot_accuracy": acc}
+    def evaluate(params, step):  # zero-shot with the training templates: "accuracy", ...
+        return zero_shot(params, val_x, val_y, TRAIN_TEMPLATES)
 
     def loss_fn(params, batch, rng):
         del rng  # CLIP has no dropout
@@ -351,11 +245,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         rng, jnp.zeros(images_spec.shape), jnp.zeros(tokens_spec.shape, jnp.int32)
     )
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    n_params = training.param_count(abstract["params"])
     # Training FLOPs ~ 3 x the forward pass (XLA's cost analysis of the lowered forward).
     forward = lowered_flops(jax.jit(model.apply).lower(abstract, images_spec, tokens_spec))
-    meta = {"model": config.model.to_dict(), "data": config.data.to_dict()}
-    t_train = time.time()
     result = training.train(
         config=config,
         workdir=workdir,
@@ -363,36 +254,28 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         loss_fn=loss_fn,
         train_data=train_data,
         evaluate=evaluate,
-        meta=meta,
+        meta={"model": config.model.to_dict(), "data": config.data.to_dict()},
         flops_per_step=3 * forward,
         images_per_step=bs,
         project=clip.clamp_logit_scale(model.logit_scale_max),
     )
-    train_s = time.time() - t_train
-    params = result.state.params
 
-    acc = zero_shot(params, test_x, test_y, TEST_TEMPLATES)
-    acc_train_templates = zero_shot(params, test_x, test_y, TRAIN_TEMPLATES)
+    params = result.state.params
+    test = zero_shot(params, test_x, test_y, TEST_TEMPLATES)
+    with_train_templates = zero_shot(params, test_x, test_y, TRAIN_TEMPLATES)
     summary = {
-        "zero_shot_accuracy": acc,
-        "zero_shot_accuracy_train_templates": acc_train_templates,
-        "val_zero_shot_accuracy": result.eval_metrics.get("zero_shot_accuracy"),
+        "zero_shot_accuracy": test["accuracy"],
+        "zero_shot_balanced_accuracy": test["balanced_accuracy"],
+        "zero_shot_accuracy_train_templates": with_train_templates["accuracy"],
+        "val_zero_shot_accuracy": result.eval_metrics.get("accuracy"),
         "test_templates": list(TEST_TEMPLATES),
         "test_examples": len(test_y),
-        "params": n_params,
-        "steps": config.train.steps,
-        "train_s": train_s,
+        "params": training.param_count(abstract["params"]),
+        **result.summary(),
         "wall_s": time.time() - t0,
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(
-            f"test: {len(test_y):,} images, {len(TEST_TEMPLATES)} unseen prompt templates; "
-            f"with the training templates instead: {acc_train_templates:.4f}",
-            flush=True,
-        )
-        print(f"zero_shot_accuracy={acc:.4f}", flush=True)
+    headline = ("zero_shot_accuracy", "zero_shot_accuracy_train_templates")
+    results.write(workdir, summary, headline=headline)
     return summary
 
 

@@ -1,17 +1,19 @@
-"""Batches of fixed-length labelled examples for fine-tuning classifiers.
+"""Batches of labelled examples for training classifiers (and contrastive image-text models).
 
 ``LabelledBatches`` draws training batches from pre-encoded examples (any dict of
 ``[n, ...]`` arrays plus ``labels [n]``). With ``balanced=True`` each row first draws a label
 uniformly and then an example of that label, so every class is seen equally often whatever
 the class sizes (the genre task's training plays are 16 comedies, 10 histories and 8
 tragedies). Batch ``s`` is a pure function of ``(seed, s)``: the pipeline's state is one
-step counter, as in ``common.data.packing``. ``eval_batches`` visits every example once in
-order, padding the last batch with zero-weight rows.
+step counter, as in ``common.data.packing``. ``ShuffledBatches`` reads epochs, each a fresh
+permutation of the examples. ``CaptionedImages`` pairs each image with a caption of its
+class from a template (for CLIP where no human captions exist). ``eval_batches`` visits every
+example once in order, padding the last batch with zero-weight rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -62,6 +64,78 @@ class LabelledBatches(StepBatches):
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices_at(step)[self.rows]
         return {k: v[idx] for k, v in self.arrays.items()}
+
+
+class ShuffledBatches(StepBatches):
+    """Infinite iterator of ``{"images" [rows, ...], "labels" int32 [rows]}`` by epochs.
+
+    Each epoch visits the examples in a fresh permutation drawn from ``(seed, epoch)``;
+    batch ``s`` holds global samples ``s * batch_size ...``, so the state is one step
+    counter and a resumed run reads the batches an uninterrupted one would. ``rows`` is
+    this process's slice of the global batch.
+    """
+
+    def __init__(self, images, labels, batch_size: int, *, seed: int = 0, process_rows=None):
+        if len(images) != len(labels) or len(labels) == 0:
+            raise ValueError(f"need as many images as labels (>0): {len(images)}, {len(labels)}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed = batch_size, seed
+        self.rows = process_rows if process_rows is not None else slice(0, batch_size)
+        self.step = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
+            self._perm = (epoch, perm)
+        return self._perm[1]
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        n = len(self.labels)
+        g = np.arange(self.batch_size)[self.rows] + step * self.batch_size  # global samples
+        idx = np.array([self._order(int(i // n))[i % n] for i in g])
+        return {"images": self.images[idx], "labels": self.labels[idx]}
+
+
+class CaptionedImages(StepBatches):
+    """Training batches ``{"images" [rows, ...], "tokens" [rows, context]}`` of image-caption
+    pairs: row ``r`` of batch ``s`` is a random image with the caption of its class from a
+    random template, ``captions[template, label]`` (pre-tokenised). ``transform`` maps the
+    chosen images (e.g. uint8 -> standardised float). Batch ``s`` is a pure function of
+    ``(seed, s)``, so the state is one step counter.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,  # [n, ...]
+        labels: np.ndarray,  # int [n]
+        captions: np.ndarray,  # int32 [templates, classes, context]
+        batch_size: int,
+        *,
+        seed: int = 0,
+        process_rows: slice | None = None,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
+        if len(images) != len(labels) or len(labels) == 0:
+            raise ValueError(f"{len(images)} images for {len(labels)} labels")
+        if labels.max() >= captions.shape[1]:
+            raise ValueError(
+                f"label {labels.max()} has no caption: {captions.shape[1]} class names"
+            )
+        self.images, self.labels, self.captions = images, labels, captions
+        self.batch_size, self.seed = batch_size, seed
+        self.rows = process_rows if process_rows is not None else slice(0, batch_size)
+        self.transform = transform or (lambda x: x)
+        self.step = 0
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, step])
+        idx = rng.integers(len(self.labels), size=self.batch_size)[self.rows]
+        tmpl = rng.integers(self.captions.shape[0], size=self.batch_size)[self.rows]
+        return {
+            "images": self.transform(self.images[idx]),
+            "tokens": self.captions[tmpl, self.labels[idx]],
+        }
 
 
 def eval_batches(

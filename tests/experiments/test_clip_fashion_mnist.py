@@ -13,7 +13,9 @@ import optax
 import pytest
 
 from common import optim
+from common.data import fashion_mnist
 from common.data.bpe import BPETokenizer
+from common.data.classification import CaptionedImages
 from experiments import clip_fashion_mnist as exp
 from vision import clip
 
@@ -62,21 +64,21 @@ def test_captions_and_batches():
     table = np.stack([tokenize([t.format(n) for n in exp.CAPTION_NAMES]) for t in ("{}", "a {}.")])
     images = np.arange(5 * 28 * 28, dtype=np.uint8).reshape(5, 28, 28, 1)
     labels = np.array([0, 3, 9, 3, 1])
-    data = exp.CaptionedImages(images, labels, table, batch_size=4, seed=1)
+    data = CaptionedImages(images, labels, table, 4, seed=1, transform=fashion_mnist.normalize)
     b = next(data)
     assert b["images"].shape == (4, 28, 28, 1) and b["images"].dtype == np.float32
     for img, tokens in zip(b["images"], b["tokens"], strict=True):  # caption names its image
-        i = int(np.argmin(np.abs(exp.normalize(images) - img).reshape(5, -1).sum(1)))
+        i = int(np.argmin(np.abs(fashion_mnist.normalize(images) - img).reshape(5, -1).sum(1)))
         assert tok.decode(tokens).split("<|")[0] in {
             f"{exp.CAPTION_NAMES[labels[i]]}",
             f"a {exp.CAPTION_NAMES[labels[i]]}.",
         }
     state = data.get_state()
-    again = exp.CaptionedImages(images, labels, table, batch_size=4, seed=1)
+    again = CaptionedImages(images, labels, table, 4, seed=1, transform=fashion_mnist.normalize)
     again.set_state(state)
     np.testing.assert_array_equal(next(again)["tokens"], next(data)["tokens"])
     with pytest.raises(ValueError, match="label 9 has no caption"):
-        exp.CaptionedImages(images, labels, table[:, :5], batch_size=4)
+        CaptionedImages(images, labels, table[:, :5], batch_size=4)
 
 
 def test_trainer_optimizer_clamps_the_logit_scale():

@@ -12,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import plots
 from common import sharding as sharding_lib
 from common.data import fashion_mnist
+from common.data.classification import ShuffledBatches
 from experiments import fashion_mnist as fm
-from vision import swin
+from vision import augment, swin
 
 # Measured with this smoke config (150 steps of 64 images, 9,600 images, 18.9k params, the
 # default conv stem and 1-pixel crops): test accuracy 0.577 on the first 2,000 test images
@@ -56,12 +58,12 @@ def test_short_swin_run_learns_and_resumes(tmp_path, tfds_dir):
 def test_shuffled_batches_visit_each_example_once_per_epoch_and_resume():
     labels = np.arange(10, dtype=np.int32)
     images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
-    data = fm.ShuffledBatches(images, labels, 4, seed=3)
+    data = ShuffledBatches(images, labels, 4, seed=3)
     seen = np.concatenate([next(data)["labels"] for _ in range(5)])  # 20 = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert not np.array_equal(seen[:10], seen[10:])  # a fresh order per epoch
-    resumed = fm.ShuffledBatches(images, labels, 4, seed=3)
-    resumed.set_state(fm.ShuffledBatches(images, labels, 4, seed=3).get_state() | {"step": 3})
+    resumed = ShuffledBatches(images, labels, 4, seed=3)
+    resumed.set_state(ShuffledBatches(images, labels, 4, seed=3).get_state() | {"step": 3})
     batch = next(resumed)
     np.testing.assert_array_equal(batch["labels"], seen[12:16])
     np.testing.assert_array_equal(batch["images"][:, 0, 0, 0], batch["labels"])
@@ -72,13 +74,14 @@ def test_shuffled_batches_visit_each_example_once_per_epoch_and_resume():
 def test_augment_is_a_crop_of_the_padded_image_and_a_flip():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 6, 5, 1)), jnp.float32)
     rng = jax.random.key(0)
-    np.testing.assert_array_equal(fm.augment(x, rng, 0, False), x)
-    flipped = np.asarray(fm.augment(x, rng, 0, True))
+    np.testing.assert_array_equal(augment.augment(x, rng), x)
+    flipped = np.asarray(augment.augment(x, rng, flip=True))
     same = [np.array_equal(f, o) for f, o in zip(flipped, np.asarray(x), strict=True)]
     mirrored = [np.array_equal(f, o[:, ::-1]) for f, o in zip(flipped, np.asarray(x), strict=True)]
     assert all(s or m for s, m in zip(same, mirrored, strict=True)) and any(mirrored) and any(same)
-    out = np.asarray(fm.augment(x, rng, 2, False))
-    background = -fm.PIXEL_MEAN / fm.PIXEL_STD
+    stats = dict(mean=fashion_mnist.PIXEL_MEAN, std=fashion_mnist.PIXEL_STD)
+    out = np.asarray(augment.augment(x, rng, crop_pad=2, **stats))
+    background = -fashion_mnist.PIXEL_MEAN / fashion_mnist.PIXEL_STD
     padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=background)
     for o, p in zip(out, padded, strict=True):  # each output is some 6x5 window of its padding
         windows = [p[i : i + 6, j : j + 5] for i in range(5) for j in range(5)]
@@ -88,7 +91,8 @@ def test_augment_is_a_crop_of_the_padded_image_and_a_flip():
 def test_random_erase_replaces_one_rectangle_of_the_stated_area_in_the_stated_share():
     h, w, prob = 28, 28, 0.5
     x = jnp.full((2000, h, w, 1), 7.0, jnp.float32)  # no fill value (pixels in [0, 1]) is 7
-    out = np.asarray(fm.random_erase(x, jax.random.key(3), prob))
+    stats = dict(mean=fashion_mnist.PIXEL_MEAN, std=fashion_mnist.PIXEL_STD)
+    out = np.asarray(augment.random_erase(x, jax.random.key(3), prob, **stats))
     changed = out[..., 0] != 7.0  # [b, h, w]
     erased = changed.any((1, 2))
     assert abs(erased.mean() - prob) < 4 * np.sqrt(prob * (1 - prob) / len(x))
@@ -96,23 +100,24 @@ def test_random_erase_replaces_one_rectangle_of_the_stated_area_in_the_stated_sh
         ys, xs = np.nonzero(m)
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         assert m.sum() == box and box <= 0.4 * h * w + h + w  # rounding of each side
-    fill = out[..., 0][changed] * fm.PIXEL_STD + fm.PIXEL_MEAN  # back to pixel space
+    fill = out[..., 0][changed] * fashion_mnist.PIXEL_STD + fashion_mnist.PIXEL_MEAN
     assert fill.min() >= 0.0 and fill.max() <= 1.0 and abs(fill.mean() - 0.5) < 0.01
     area = changed[erased].mean((1, 2))  # the paper's range 0.02-0.4 of the image, clipped
     assert 0.17 < area.mean() < 0.23 and area.min() >= 0.0 and area.max() <= 0.45
-    np.testing.assert_array_equal(fm.augment(x, jax.random.key(3), 0, False, 0.0), x)
+    np.testing.assert_array_equal(augment.augment(x, jax.random.key(3), erase_prob=0.0), x)
 
 
 def test_normalized_training_pixels_have_zero_mean_unit_std(tfds_dir):
     images, _ = fashion_mnist.load_arrays("train[:20000]", tfds_dir)
-    x = np.asarray(fm.normalize(jnp.asarray(images)))
+    x = np.asarray(fashion_mnist.normalize(jnp.asarray(images)))
     assert abs(x.mean()) < 0.01 and abs(x.std() - 1.0) < 0.01
 
 
 def test_shift_mask_picture_shows_the_mask():
     """The right panel's pixels are ``shifted_window_mask`` (white = may attend)."""
     h, w, m, s = 14, 14, 7, 3
-    picture = np.asarray(fm.shift_mask_picture(h, w, m, s).convert("L"))
+    picture = plots.shifted_window_picture(h, w, m, s, swin.shifted_window_mask)
+    picture = np.asarray(picture.convert("L"))
     mask = swin.shifted_window_mask(h, w, m, s)  # [4, 49, 49]
     assert mask.shape == (4, 49, 49) and mask[0].all() and not mask[3].all()
     # Locate the last window's panel: its last row/column pixel is the mask's corner.
@@ -129,7 +134,7 @@ def test_shift_mask_picture_shows_the_mask():
 def test_shift_mask_picture_pads_a_map_that_is_not_a_multiple_of_the_window():
     """Window 4 on the 14 x 14 map: the block pads to 16 x 16 (16 windows), so must the
     picture (this crashed at the end of a window-4 run before)."""
-    picture = fm.shift_mask_picture(14, 14, 4, 2)
+    picture = plots.shifted_window_picture(14, 14, 4, 2, swin.shifted_window_mask)
     mask = swin.shifted_window_mask(16, 16, 4, 2)  # [16, 16, 16]
     n, gap, scale = 16, 4, 3
     assert picture.width == 16 + 16 * 12 + 16 + (4 * (n + gap) - gap) * scale + 16
@@ -197,7 +202,7 @@ def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 def test_shift_tta_averages_the_probabilities_of_every_shifted_and_mirrored_view():
     params, images, plain, tta = smoke_predictors(1, flip_tta=True, shift_tta=1)
-    views = fm.tta_views(True, 1)
+    views = augment.tta_views(True, 1)
     assert len(views) == 18 and len(set(views)) == 18
     expected = np.mean(
         [
@@ -209,8 +214,8 @@ def test_shift_tta_averages_the_probabilities_of_every_shifted_and_mirrored_view
     np.testing.assert_allclose(np.exp(tta(params, images)), expected, atol=1e-6)
     one = np.zeros((1, 28, 28, 1), np.uint8)
     one[0, 5, 7] = 255
-    moved = fm.translate(fm.normalize(one), 1, -2)
-    np.testing.assert_allclose(moved, fm.normalize(shifted(one, 1, -2)), atol=1e-6)
+    moved = augment.shift(fashion_mnist.normalize(jnp.asarray(one)), 1, -2, fm.BLACK)
+    np.testing.assert_allclose(moved, fashion_mnist.normalize(shifted(one, 1, -2)), atol=1e-6)
     assert np.argmax(np.asarray(moved).reshape(-1)) == 6 * 28 + 5
     with pytest.raises(ValueError, match="eval.shift_tta=-1 must be >= 0"):
-        fm.tta_views(True, -1)
+        augment.tta_views(True, -1)
