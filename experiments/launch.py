@@ -47,7 +47,7 @@ def debug_requested(argv: Sequence[str]) -> bool:
 def fail(program: str, problems: Sequence[str]) -> NoReturn:
     """Print ``problems`` (one per line) to stderr and exit with ``USAGE_ERROR``."""
     n = len(problems)
-    head = f"{program}: {'a problem' if n == 1 else f'{n} problems'}; nothing was run"
+    head = f"{program}: {'a problem' if n == 1 else f'{n} problems'}; stopped before training"
     lines = [head + ":", *(f"  {p}" for p in problems)]
     lines.append(f"(--debug or {DEBUG_ENV}=1 shows a traceback)")
     sys.stdout.flush()

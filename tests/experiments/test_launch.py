@@ -100,7 +100,7 @@ def test_bad_fields_are_all_named_before_main_without_traceback(experiment_dir, 
         "  extra.answer=41 must be 42",  # the experiment's own hook
     ):
         assert line in out.stderr, out.stderr
-    assert "4 problems; nothing was run" in out.stderr
+    assert "stand_in_experiment: 4 problems; stopped before training:" in out.stderr
     assert not (tmp_path / "run").exists()  # main never ran, nothing was created
 
 
