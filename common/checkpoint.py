@@ -44,6 +44,10 @@ ocp.type_handlers.register_type_handler(
 _absl_log.setLevel(_level)
 
 
+# Meta keys naming a location, left out of the comparison: a moved dataset is the same data.
+LOCATION_KEYS = frozenset({"data_dir"})
+
+
 class ConfigMismatchError(ValueError):
     """The workdir holds checkpoints of a run with a different config."""
 
@@ -52,6 +56,8 @@ def _diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for k in sorted(set(saved) | set(current)):
+            if k in LOCATION_KEYS:  # where the data lives is not what the run is
+                continue
             key = f"{prefix}.{k}" if prefix else k
             if k not in saved or k not in current:
                 out.append(f"{key}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}")

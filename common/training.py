@@ -210,6 +210,35 @@ def _split_data_state(saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return saved, {}
 
 
+def _warn_if_schedule_changed(loop: dict[str, Any], steps: int, optim_config, at: int) -> None:
+    """Warn when a resumed run's ``train.steps`` differs from the one its checkpoint was saved
+    under (kept in the loop totals), saying whether the learning-rate schedule changes."""
+    old_steps, old_schedule = loop.get("steps"), loop.get("schedule_steps")
+    if old_steps is None or old_steps == steps:
+        return
+    name, total = optim_config.schedule, optim_config.total_steps
+    if old_schedule is not None and old_schedule != total and name in ("cosine", "linear"):
+        log.warning(
+            "train.steps changed from %d to %d on resume from step %d: the %s learning-rate "
+            "schedule now spans %d steps instead of %d, so the rates from step %d on differ from "
+            "the original run's (set optim.total_steps=%d to keep its schedule)",
+            old_steps,
+            steps,
+            at,
+            name,
+            total,
+            old_schedule,
+            at,
+            old_schedule,
+        )
+    else:
+        log.info(
+            "train.steps changed from %d to %d on resume; the schedule is unchanged",
+            old_steps,
+            steps,
+        )
+
+
 def train(
     *,
     config: Any,
@@ -241,7 +270,8 @@ def train(
     tc = config.train
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    tx, schedule = adamw(resolve_optim(config), project)
+    optim_config = resolve_optim(config)
+    tx, schedule = adamw(optim_config, project)
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     state, shardings = create_state(init_fn, tx, mesh, init_rng, rules)
@@ -261,6 +291,7 @@ def train(
         train_data.set_state(data_state)
         log.info("resumed from step %d in %s", resumed_from, workdir)
         print(f"resumed from checkpoint step {resumed_from}", flush=True)
+        _warn_if_schedule_changed(loop, tc.steps, optim_config, resumed_from)
     start = int(state.step)
 
     step_fn = jax.jit(
@@ -328,7 +359,12 @@ def train(
                 writer.write(done, eval_metrics, split="eval")
                 t_last, steps_since = time.perf_counter(), 0  # eval time is not step time
             if is_ckpt:
-                totals = {"train_s": prior_s + time.perf_counter() - t_begin, "resumes": resumes}
+                totals = {
+                    "train_s": prior_s + time.perf_counter() - t_begin,
+                    "resumes": resumes,
+                    "steps": tc.steps,
+                    "schedule_steps": optim_config.total_steps,
+                }
                 ckpt.save(done, state, {_ITERATOR: train_data.get_state(), _LOOP: totals})
                 last_good = done
     finally:

@@ -20,6 +20,11 @@ compares across tokenizers, with sliding windows (each scored token sees at leas
 context of preceding tokens; ``eval.stride``). Starting again on the same workdir resumes
 from its last checkpoint; the byte-level BPE vocabulary is trained on the training plays
 once and kept in the workdir.
+
+A bad config stops before anything loads: ``experiments.launch`` runs
+``common.config.validate`` (the shared sections) and this module's ``validate_config`` (its
+own fields). ``sample.prompt`` is checked against the context once the tokenizer exists,
+before training; the results are written before the optional samples.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from common import config as config_lib
 from common import evaluation, results, training
 from common import sharding as sharding_lib
 from common.data import shakespeare
-from common.data.bpe import BPETokenizer, load_or_train_bpe
+from common.data.bpe import MIN_VOCAB_SIZE, TOKENIZER_KINDS, BPETokenizer, load_or_train_bpe
 from common.data.packing import PackedWindows
 from common.flops import palm_flops_per_token
 from nlp import gpt
@@ -95,9 +100,63 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-def build_model(config, vocab_size: int) -> gpt.GPT:
+def validate_config(config: ml_collections.ConfigDict) -> list[str]:
+    """This experiment's own fields, one message per bad one (``experiments.launch`` calls it
+    with ``common.config.validate``, which checks the shared sections, before anything
+    loads). The prompt's length in tokens depends on the tokenizer: ``prompt_problems``."""
+    p = []
+    d, s = config.data, config.sample
+    if d.tokenizer not in TOKENIZER_KINDS:
+        p.append(f"data.tokenizer={d.tokenizer!r} is not one of {TOKENIZER_KINDS}")
+    elif d.tokenizer == "bpe" and d.vocab_size < MIN_VOCAB_SIZE:
+        p.append(f"data.vocab_size={d.vocab_size} must be at least {MIN_VOCAB_SIZE}")
+    if d.seq_len < 1:
+        p.append(f"data.seq_len={d.seq_len} must be positive")
+    elif d.vocab_size > 0:
+        try:  # the model checks its own fields when built (no parameters are made)
+            vocab = d.vocab_size if d.tokenizer == "bpe" else 50257
+            build_model(config, vocab, dtype=jnp.float32)  # model.dtype: config_lib.validate
+        except ValueError as e:
+            text, prefix = str(e), "invalid GPT config: "
+            if text.startswith(prefix):  # "a=1 ...; b=2 ...": one message per field
+                p += [f"model.{m}" for m in text.removeprefix(prefix).split("; ")]
+            else:
+                p.append(f"model: {text}")
+    if config.eval.max_tokens < 0:
+        p.append(f"eval.max_tokens={config.eval.max_tokens} must be >= 0 (0: all)")
+    for key, zero in (("num", "no samples"), ("max_new_tokens", "no samples"), ("top_k", "off")):
+        if s[key] < 0:
+            p.append(f"sample.{key}={s[key]} must be >= 0 (0: {zero})")
+    if s.temperature < 0:
+        p.append(f"sample.temperature={s.temperature} must be >= 0 (0: greedy)")
+    if not 0 < s.top_p <= 1:
+        p.append(f"sample.top_p={s.top_p} must be in (0, 1]")
+    return p
+
+
+def prompt_problems(tok: BPETokenizer, config: ml_collections.ConfigDict) -> list[str]:
+    """``sample.prompt`` must leave room for a new token in the context (``data.seq_len``).
+
+    Its length in tokens is known only once the tokenizer exists (a learned merge can hold
+    any number of characters), so ``main`` checks it right after the tokenizer is trained or
+    loaded, before training."""
+    sc, seq_len = config.sample, config.data.seq_len
+    if not (sc.num and sc.max_new_tokens):
+        return []
+    n = len(tok.encode(sc.prompt) or [tok.eot_id])
+    if n < seq_len:
+        return []
+    return [
+        f"sample.prompt is {n} tokens ({len(sc.prompt)} characters); the context, "
+        f"data.seq_len={seq_len}, holds a prompt of at most {seq_len - 1} tokens and a new one"
+    ]
+
+
+def build_model(config, vocab_size: int, dtype: Any = None) -> gpt.GPT:
+    """The model of ``config`` (``dtype``: instead of ``model.dtype``'s)."""
     m = dict(config.model)
-    preset, dtype = m.pop("preset"), config_lib.dtype(m.pop("dtype"))
+    preset, name = m.pop("preset"), m.pop("dtype")
+    dtype = dtype or config_lib.dtype(name)
     return gpt.from_preset(
         preset, **m, max_len=config.data.seq_len, vocab_size=vocab_size, dtype=dtype
     )
@@ -111,6 +170,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tok = load_or_train_bpe(
         workdir, [texts["train"]], config.data.vocab_size, kind=config.data.tokenizer
     )
+    problems = prompt_problems(tok, config)
+    if problems:  # before training, not after it
+        raise config_lib.ConfigError(problems)
     tokens = {s: np.asarray(tok.encode(t), np.int32) for s, t in texts.items()}
     print(
         f"data: train {len(texts['train']):,} chars -> {len(tokens['train']):,} tokens "
@@ -181,6 +243,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         plays = ", ".join(shakespeare.TEST_PLAYS)
         print(f"test plays {plays}; validation bits_per_char={val_bpc:.4f}")
         print(f"bits_per_char={test_bpc:.4f}", flush=True)
+    if not (config.sample.num and config.sample.max_new_tokens):
+        return summary
     samples = sample_text(model, params, tok, config)
     if jax.process_index() == 0:
         for i, s in enumerate(samples):

@@ -189,21 +189,33 @@ def load_or_train_bpe(
     """The run's tokenizer: ``kind="gpt2"`` GPT-2's own; ``kind="bpe"`` a vocabulary of
     ``vocab_size`` trained on ``texts`` once and kept as ``workdir/filename``, so a resumed
     run reads the same ids back (``texts`` may be a function, called only when training).
+    The vocabulary size asked for is kept beside it (``common.data.tokenizer_record``): a
+    kept tokenizer trained for another ``vocab_size`` is refused (``ConfigError`` naming
+    ``data.vocab_size``), never silently used.
 
     Every process trains the same deterministic vocabulary; only process 0 writes the file.
     """
     import jax
+
+    from common.data import tokenizer_record
 
     if kind == "gpt2":
         return BPETokenizer.gpt2()
     if kind != "bpe":
         raise ValueError(f"data.tokenizer={kind!r} is not one of {TOKENIZER_KINDS}")
     path = os.path.join(os.fspath(workdir), filename)
+    params = {"kind": kind, "vocab_size": vocab_size}
     if os.path.exists(path):
-        return BPETokenizer.load(path)
+        tok = BPETokenizer.load(path)
+        fields = {"kind": "data.tokenizer", "vocab_size": "data.vocab_size"}
+        tokenizer_record.check(path, params, tok.vocab_size, fields)
+        if jax.process_index() == 0 and not os.path.exists(tokenizer_record.record_path(path)):
+            tokenizer_record.write(path, params)
+        return tok
     tok = BPETokenizer.train(texts() if callable(texts) else texts, vocab_size)
     if jax.process_index() == 0:
         os.makedirs(os.fspath(workdir), exist_ok=True)
+        tokenizer_record.write(path, params)  # first: a tokenizer never lacks its record
         tmp = f"{path}.tmp"
         tok.save(tmp)
         os.replace(tmp, path)  # a kill never leaves half a vocabulary behind

@@ -174,15 +174,27 @@ def load_or_train_wordpiece(
 ) -> WordPieceTokenizer:
     """The run's WordPiece vocabulary: trained on ``texts`` once (``texts`` may be a function,
     called only when training) and kept as ``workdir/filename`` (BERT's ``vocab.txt``), so a
-    resumed run reads the same ids back. Only process 0 writes the file."""
+    resumed run reads the same ids back. ``vocab_size`` and ``lowercase`` are kept beside it
+    (``common.data.tokenizer_record``): a kept vocabulary trained with other values is
+    refused (``ConfigError`` naming ``data.vocab_size`` / ``data.lowercase``), never silently
+    used. Only process 0 writes the file."""
     import jax
 
+    from common.data import tokenizer_record
+
     path = os.path.join(os.fspath(workdir), filename)
+    params = {"vocab_size": vocab_size, "lowercase": lowercase}
     if os.path.exists(path):
-        return WordPieceTokenizer.from_vocab_file(path, lowercase=lowercase)
+        tok = WordPieceTokenizer.from_vocab_file(path, lowercase=lowercase)
+        fields = {"vocab_size": "data.vocab_size", "lowercase": "data.lowercase"}
+        tokenizer_record.check(path, params, tok.vocab_size, fields)
+        if jax.process_index() == 0 and not os.path.exists(tokenizer_record.record_path(path)):
+            tokenizer_record.write(path, params)
+        return tok
     tok = WordPieceTokenizer.train(texts() if callable(texts) else texts, vocab_size, lowercase)
     if jax.process_index() == 0:
         os.makedirs(os.fspath(workdir), exist_ok=True)
+        tokenizer_record.write(path, params)  # first: a vocabulary never lacks its record
         tok.save_vocab(f"{path}.tmp")
         os.replace(f"{path}.tmp", path)  # a kill never leaves half a vocabulary behind
     return tok

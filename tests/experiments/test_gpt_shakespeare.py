@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from common import config as config_lib
 from common.checkpoint import ConfigMismatchError
 from common.data import shakespeare
 from common.data.bpe import BPETokenizer
@@ -133,8 +134,100 @@ def test_unknown_config_key_fails_loudly(tmp_path, tfds_dir):
         text=True,
         timeout=300,
     )
-    assert out.returncode != 0
-    assert "n_layers" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "unknown field model.n_layers (did you mean model.num_layers?)" in out.stderr
+
+
+def test_bad_config_stops_before_anything_loads(tmp_path, tfds_dir):
+    """Every bad field named at once, exit status 2, no traceback, nothing written."""
+    bad = [
+        "--config.train.log_every=0",
+        "--config.train.batch_size=12",
+        "--config.eval.stride=999",
+        "--config.model.num_heads=3",
+        "--config.sample.top_p=0.0",
+    ]
+    workdir = tmp_path / "run"
+    out = subprocess.run(
+        cli(workdir, tfds_dir, 0, bad),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LANDMARKS_SYSTEM_MALLOC": "1", "LANDMARKS_DEBUG": ""},
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    for message in (
+        "train.steps=0 must be a positive integer",
+        "train.log_every=0 must be a positive integer",
+        "train.batch_size=12 must be a multiple of 8",
+        "eval.stride=999 must be at most the context, data.seq_len=64",
+        "model.num_heads=3 does not divide d_model=64",
+        "sample.top_p=0.0 must be in (0, 1]",
+    ):
+        assert f"  {message}" in out.stderr, out.stderr
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("variant", ["", "smoke"])
+def test_shipped_configs_are_valid(variant):
+    config = gpt_shakespeare.get_config(variant)
+    assert config_lib.validate(config) == [] and gpt_shakespeare.validate_config(config) == []
+
+
+def test_own_fields_are_named():
+    config = gpt_shakespeare.get_config("smoke")
+    config.data.vocab_size = 100
+    config.data.tokenizer = "bpe"
+    config.sample.update(num=-1, temperature=-0.5)
+    config.eval.max_tokens = -1
+    assert gpt_shakespeare.validate_config(config) == [
+        "data.vocab_size=100 must be at least 257",
+        "eval.max_tokens=-1 must be >= 0 (0: all)",
+        "sample.num=-1 must be >= 0 (0: no samples)",
+        "sample.temperature=-0.5 must be >= 0 (0: greedy)",
+    ]
+    config = gpt_shakespeare.get_config("smoke")
+    config.data.tokenizer = "sentencepiece"
+    assert gpt_shakespeare.validate_config(config) == [
+        "data.tokenizer='sentencepiece' is not one of ('bpe', 'gpt2')"
+    ]
+
+
+@pytest.fixture
+def small_plays(monkeypatch):
+    """Stand-in plays of a few thousand words, for the plumbing tests: seconds, not minutes."""
+    rng = np.random.default_rng(0)
+    words = "ROMEO JULIET thou art the sun and I am but a fool, my lord. ! ? love death".split()
+
+    def load_text(split, data_dir=None):
+        n = {"train": 12_000, "validation": 2_000, "test": 2_000}[split]
+        return " ".join(rng.choice(words, n)) + "\n"
+
+    monkeypatch.setattr(gpt_shakespeare.shakespeare, "load_text", load_text)
+
+
+def test_long_prompt_is_refused_before_training(tmp_path, tfds_dir, small_plays):
+    """Today it crashes after training and the test evaluation, with no results written."""
+    config = make_config(tfds_dir, **{"train.steps": 10, "sample.prompt": "ROMEO: " * 40})
+    with pytest.raises(config_lib.ConfigError, match=r"sample\.prompt is \d+ tokens .*seq_len=64"):
+        gpt_shakespeare.main(config, str(tmp_path))
+    assert (tmp_path / "tokenizer.json").exists()  # what its length in tokens depends on
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    fits = make_config(tfds_dir, **{"sample.prompt": "ROMEO: " * 40, "sample.num": 0})
+    tok = BPETokenizer.load(tmp_path / "tokenizer.json")
+    assert gpt_shakespeare.prompt_problems(tok, fits) == []  # no samples: no prompt to fit
+
+
+def test_results_are_written_before_sampling(tmp_path, tfds_dir, monkeypatch, small_plays):
+    def broken_sampler(*args):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(gpt_shakespeare, "sample_text", broken_sampler)
+    config = make_config(tfds_dir, **{"train.steps": 10, "train.report_mfu": False})
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        gpt_shakespeare.main(config, str(tmp_path))
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["steps"] == 10 and summary["bits_per_char"] > 0
 
 
 def test_workdir_of_another_config_is_refused(tmp_path, tfds_dir):
