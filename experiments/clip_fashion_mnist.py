@@ -48,7 +48,7 @@ from common import training
 from common.data import fashion_mnist
 from common.data.bpe import BPETokenizer
 from common.data.step_batches import StepBatches
-from experiments.zoo import lowered_flops
+from common.flops import lowered_flops
 from vision import clip
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -120,7 +120,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         projection_dim=64,
         activation="quick_gelu",
         dtype="float32",
-        remat=False,
+        remat_policy=ml_collections.config_dict.placeholder(str),  # None: no recomputation
     )
     c.optim = dict(
         lr=2e-3,

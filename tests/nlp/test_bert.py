@@ -207,7 +207,7 @@ def test_bad_config_and_input_are_named():
         bert.from_preset("bert-tiny", num_heads=3)
     with pytest.raises(ValueError, match="unknown activation"):
         bert.from_preset("bert-tiny", activation="swish")
-    with pytest.raises(ValueError, match="num_heads=0 must be positive"):  # not ZeroDivision
+    with pytest.raises(ValueError, match="num_heads=0 must be a positive int"):  # not ZeroDivision
         bert.from_preset("bert-tiny", num_heads=0)
     model = bert.from_preset("bert-tiny")
     params = _init(model)

@@ -138,7 +138,7 @@ def test_bad_configs_name_the_field():
         gpt.from_preset("gpt-tiny", n_layers=3)
     with pytest.raises(ValueError, match="unknown GPT preset"):
         gpt.from_preset("gpt5")
-    with pytest.raises(ValueError, match="num_heads=0 must be positive"):  # not ZeroDivision
+    with pytest.raises(ValueError, match="num_heads=0 must be a positive int"):  # not ZeroDivision
         gpt.from_preset("gpt-tiny", num_heads=0)
     with pytest.raises(ValueError, match="activation='swish' is not one of"):  # not at init
         gpt.from_preset("gpt-tiny", activation="swish")
