@@ -43,7 +43,7 @@ def make_config(tfds_dir):
     return config
 
 
-def test_short_run_learns_lm_and_genre(tmp_path, tfds_dir):
+def test_short_run_learns_lm_then_scores_every_genre_passage(tmp_path, tfds_dir):
     summary = gpt1_genre.main(make_config(tfds_dir), str(tmp_path))
     print("SUMMARY", summary)
     records = [json.loads(line) for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
