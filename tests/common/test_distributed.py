@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
@@ -24,6 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     single = tmp_path / "single.npz"
     subprocess.run([sys.executable, WORKER, str(single)], env=_env(4), check=True, timeout=300)

@@ -8,6 +8,8 @@ at this size 20 fine-tuning steps stay near chance."""
 import json
 import math
 
+import pytest
+
 from experiments import bert_shakespeare
 
 # A few seconds of training per phase on 2 cores; 10 plays for the vocabulary and data.
@@ -46,6 +48,7 @@ def make_config(tfds_dir):
     return config
 
 
+@pytest.mark.slow
 def test_short_run_learns_mlm_then_scores_every_genre_passage(tmp_path, tfds_dir):
     summary = bert_shakespeare.main(make_config(tfds_dir), str(tmp_path))
     print("SUMMARY", summary)

@@ -32,6 +32,7 @@ def smoke_config(tfds_dir, **overrides):
     return config
 
 
+@pytest.mark.slow
 def test_short_swin_run_learns_and_resumes(tmp_path, tfds_dir):
     summary = fm.main(smoke_config(tfds_dir), str(tmp_path))
     assert summary["test_accuracy"] > SMOKE_BOUND, summary

@@ -80,6 +80,7 @@ def unigram_bits_per_char(tok, train_text, test_text):
     return -np.log(p[test[1:]]).sum() / np.log(2) / len(tok.decode(test[1:].tolist()))
 
 
+@pytest.mark.slow
 def test_short_run_learns_on_real_plays(tmp_path, tfds_dir):
     config = make_config(tfds_dir, **{"train.steps": 120})
     summary = gpt_shakespeare.main(config, str(tmp_path))
@@ -97,6 +98,7 @@ def test_short_run_learns_on_real_plays(tmp_path, tfds_dir):
     assert (tmp_path / "samples.txt").read_text().startswith("ROMEO:")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_params(tmp_path, tfds_dir):
     steps = 60
     straight, killed = tmp_path / "straight", tmp_path / "killed"
