@@ -247,6 +247,9 @@ def test_label_smoothing_equals_naive_loop():
 
 
 def test_translation_loss_trains_with_dropout():
+    """The training loss (dropout on, label smoothing) starts near log(vocab) and a few
+    Adam steps on its gradients take the batch's NLL well below that start."""
+    optax = pytest.importorskip("optax")
     model = tr.from_preset("transformer-tiny", num_encoder_layers=1, num_decoder_layers=1)
     batch = {
         "src": jax.random.randint(jax.random.key(0), (2, 6), 3, 96),
@@ -262,6 +265,15 @@ def test_translation_loss_trains_with_dropout():
     # Near-uniform predictions at init: both losses are close to log(vocab).
     assert abs(float(aux["nll"]) - math.log(96)) < 1.5 and float(loss) > 0
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+    for i in range(20):  # a fresh dropout mask every step, as in training
+        _, grads = grad_fn(params, batch, jax.random.key(10 + i))
+        updates, opt = tx.update(grads, opt)
+        params = optax.apply_updates(params, updates)
+    (_, end), _ = grad_fn(params, batch, jax.random.key(99))
+    # Measured: 4.60 -> 0.84 nats (the batch's 8 target tokens are memorised).
+    assert float(end["nll"]) < float(aux["nll"]) - 1.0
 
 
 def test_translation_loss_equals_cross_entropy_of_the_logits():
