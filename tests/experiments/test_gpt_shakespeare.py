@@ -128,6 +128,7 @@ def test_killed_run_resumes_to_the_same_params(tmp_path, tfds_dir):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_unknown_config_key_fails_loudly(tmp_path, tfds_dir):
     out = subprocess.run(
         cli(tmp_path, tfds_dir, 5, ["--config.model.n_layers=3"]),
@@ -139,6 +140,7 @@ def test_unknown_config_key_fails_loudly(tmp_path, tfds_dir):
     assert "n_layers" in out.stderr
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused(tmp_path, tfds_dir):
     gpt_shakespeare.main(make_config(tfds_dir, **{"train.steps": 10}), str(tmp_path))
     other = make_config(tfds_dir, **{"train.steps": 20, "model.d_model": 32})
