@@ -63,6 +63,7 @@ def test_every_family_recomputes_its_blocks_under_a_policy(family):
     assert "checkpoint" in jaxpr or "remat" in jaxpr
 
 
+@pytest.mark.slow
 def test_recomputation_changes_no_number():
     plain, args = _gpt(None)
     params = nn.unbox(jax.jit(plain.init)(jax.random.key(0), *args))

@@ -39,6 +39,7 @@ def _model_and_params(kind, mode, **overrides):
     return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,mode", KINDS)
 def test_causality(kind, mode):
     """Changing token t changes no logit before t, and does change logits from t on."""

@@ -246,6 +246,7 @@ def test_label_smoothing_equals_naive_loop():
     assert abs(float((ref.numpy() * weights.reshape(-1)).sum()) - want) < 1e-4 * abs(want)
 
 
+@pytest.mark.slow
 def test_translation_loss_trains_with_dropout():
     """The training loss (dropout on, label smoothing) starts near log(vocab) and a few
     Adam steps on its gradients take the batch's NLL well below that start."""

@@ -86,6 +86,7 @@ def _tokens(batch: int, length: int, rule: str, seed: int) -> np.ndarray:
 @pytest.mark.parametrize(
     "rule,size,length,n_img,n_txt", [("eos", (32, 32), 16, 3, 4), ("argmax", (48, 40), 9, 4, 4)]
 )
+@pytest.mark.slow
 def test_embeddings_and_logits_match_hf(
     hf_eos, hf_argmax, rule, size, length, n_img, n_txt, hf, to_nhwc
 ):
@@ -186,6 +187,7 @@ def tiny():
     return model, params, x, t, jax.jit(model.apply)
 
 
+@pytest.mark.slow
 def test_sharded_loss_and_grads_equal_single_device(tiny):
     """Batch of 16 split over 8 devices on the data axis: the loss contrasts all 16 x 16
     pairs (not 8 local 2 x 2 blocks), and loss and grads equal the one-device values."""
@@ -248,6 +250,7 @@ def test_temperature_gradient_is_live_below_and_at_the_cap(tiny):
     np.testing.assert_allclose(out["logits_per_image"], scale * cos, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_clamp_logit_scale_keeps_the_parameter_in_range_after_a_step(tiny):
     """AdamW (lr 0.1) then ``clamp_logit_scale``: a step that would take the parameter past
     log(100) or below 0 stops at the bound; from the cap a gradient that asks for a lower
@@ -371,6 +374,7 @@ def test_preset_counts_and_configs_equal_hf(name, hf):
 # --------------------------------------------------------------------------- behaviour
 
 
+@pytest.mark.slow
 def test_dtypes_are_honoured(tiny):
     model, params, x, t, fwd = tiny
     ref = fwd(params, x, t)

@@ -67,6 +67,7 @@ def _random_params(init, *args, seed=0):
     return {"params": convert.unflatten(out)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
 def test_logits_and_stage_features_match_hf(hf_swin, size, hf, nchw_images, to_nhwc):
     torch, _ = hf
@@ -351,6 +352,7 @@ def test_preset_counts_equal_hf_and_paper(name, res, hf):
     assert {k: getattr(model, k) for k in derived} == derived
 
 
+@pytest.mark.slow
 def test_swin_t_flops_at_224():
     """XLA's count for one 224 x 224 image: 9.42e9 FLOPs = 4.71 G multiply-adds; the paper's
     4.5 G counts matmuls only (XLA adds softmax, norms, GELU, bias and mask arithmetic)."""
@@ -397,6 +399,7 @@ def small():
     return model, params, x, jax.jit(model.apply)(params, x)
 
 
+@pytest.mark.slow
 def test_stochastic_depth_and_dropout(small):
     model, params, x, det = small
     rates = swin.from_preset("swin-toy", drop_path_rate=0.5).drop_path_rates()
@@ -410,6 +413,7 @@ def test_stochastic_depth_and_dropout(small):
     np.testing.assert_array_equal(a, train(params, x, jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(small):
     model, params, x, ref = small
     bf16 = swin.from_preset("swin-toy", **SMALL, dtype=jnp.bfloat16)
@@ -435,6 +439,7 @@ def test_bfloat16_compute_keeps_float32_params(small):
     assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(small):
     """Params sharded by their logical axes (``embed`` over ``fsdp``) and the batch over a
     4 x 2 (data, fsdp) mesh of simulated devices: same logits."""
@@ -504,6 +509,7 @@ def test_merge_patches_is_inverted_by_depth_to_space():
     np.testing.assert_array_equal(swin.window_partition(jnp.asarray(merged), m), per_window)
 
 
+@pytest.mark.slow
 def test_convolutional_stem_equals_naive_convs():
     """``stem_channels``: log2(patch) 3x3 stride-2 convs (XLA's "SAME": for even sides no
     padding before, one row and column after), LayerNorm, GELU, then a 1x1 conv to C. The

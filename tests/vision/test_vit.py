@@ -208,6 +208,7 @@ def test_vit_b16_is_86m():
 # --------------------------------------------------------------------------- behaviour
 
 
+@pytest.mark.slow
 def test_mean_pooling_and_representation_layer():
     model = vit.from_preset("vit-toy", pool="mean", representation_size=24)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
@@ -244,6 +245,7 @@ def toy():
     return model, params, x
 
 
+@pytest.mark.slow
 def test_dropout_and_bfloat16(toy):
     model, params, x = toy
     det = jax.jit(model.apply)(params, x)
