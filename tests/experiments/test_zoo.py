@@ -11,6 +11,7 @@ from vision import clip, swin, vit
 MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip)
 
 
+@pytest.mark.slow
 def test_zoo_lists_every_preset_once():
     listed = list(zoo.presets())
     rows = dict(listed)
