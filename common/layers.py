@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common import sharding as sh
+
 Array = jax.Array
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -19,6 +21,31 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     # CLIP's ``x * sigmoid(1.702 x)`` (OpenAI's released CLIP models, HF "quick_gelu")
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
+
+
+# ``remat_policy``, the recomputation knob of every model family: None = no recomputation,
+# else the name of a ``jax.checkpoint_policies`` policy ("nothing_saveable" recomputes the
+# whole block in the backward pass; "dots_with_no_batch_dims_saveable" keeps the weight
+# matmuls and recomputes attention, the Sparse Transformer's section 5.4 choice).
+REMAT_POLICIES = (
+    None,
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
+
+
+def remat(block: type[nn.Module], policy: str | None) -> type[nn.Module]:
+    """``block``, or ``nn.remat(block)`` under the ``jax.checkpoint_policies`` named ``policy``.
+
+    Models check ``policy in REMAT_POLICIES`` in ``__post_init__``; this raises for a name
+    that slipped past them, naming the field."""
+    if policy is None:
+        return block
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={policy!r} is not one of {REMAT_POLICIES}")
+    return nn.remat(block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=True)
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -138,8 +165,8 @@ def layer_norm(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (sh.NORM,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.NORM,)),
         name=name,
     )
 
@@ -160,9 +187,10 @@ class MLP(nn.Module):
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         d_model = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general=self.dot_general)
-        h = dense(self.d_ff, ("embed", "mlp"), name="fc", kernel_init=self.kernel_init, **kw)(x)
-        h = activation(self.activation)(h)  # [batch, len, d_ff]
-        h = dense(d_model, ("mlp", "embed"), name="proj", kernel_init=self.out_kernel_init, **kw)(h)
+        fc = dense(self.d_ff, (sh.EMBED, sh.MLP), name="fc", kernel_init=self.kernel_init, **kw)
+        h = activation(self.activation)(fc(x))  # [batch, len, d_ff]
+        out_init = self.out_kernel_init
+        h = dense(d_model, (sh.MLP, sh.EMBED), name="proj", kernel_init=out_init, **kw)(h)
         return nn.Dropout(self.dropout)(h, deterministic=deterministic)
 
 

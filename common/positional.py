@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import sharding as sh
+
 
 def sinusoidal_table(length: int, dim: int, max_timescale: float = 10_000.0) -> np.ndarray:
     """``[length, dim]`` table; sin on even channels, cos on odd (section 3.5 of the paper)."""
@@ -35,7 +37,7 @@ class LearnedPositional(nn.Module):
     def __call__(self, positions: jax.Array) -> jax.Array:
         table = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (None, "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (None, sh.EMBED)),
             (self.max_len, self.dim),
             self.param_dtype,
         )

@@ -18,18 +18,36 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp")
+# Mesh axis names. Spell them through these constants, never as string literals, in
+# modules, experiments and tests (``from common import sharding as sh``; ``sh.FSDP``).
+DATA = "data"  # pure data parallelism: params replicated
+FSDP = "fsdp"  # data parallelism with params sharded along EMBED (ZeRO-3)
+MESH_AXES = (DATA, FSDP)
+
+# Logical axis names that modules annotate params and activations with
+# (``nn.with_logical_partitioning(init, (sh.EMBED, sh.MLP))``); DEFAULT_RULES maps them.
+BATCH = "batch"  # examples
+LENGTH = "length"  # sequence positions / tokens
+EMBED = "embed"  # model width d_model
+MLP = "mlp"  # feed-forward hidden width
+HEADS = "heads"  # attention heads
+KV = "kv"  # width of one head
+VOCAB = "vocab"  # token vocabulary
+NORM = "norm"  # LayerNorm scale and bias
+
+# The residual stream's layout, [batch, length, d_model], constrained after every block.
+ACTIVATIONS = (BATCH, LENGTH, EMBED)
 
 # logical axis -> mesh axis (None = replicated)
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("length", None),
-    ("vocab", None),
-    ("mlp", None),
-    ("heads", None),
-    ("kv", None),
-    ("norm", None),
+    (BATCH, MESH_AXES),
+    (EMBED, FSDP),
+    (LENGTH, None),
+    (VOCAB, None),
+    (MLP, None),
+    (HEADS, None),
+    (KV, None),
+    (NORM, None),
 )
 
 

@@ -165,6 +165,7 @@ def eval_params(state: TrainState) -> Any:
 
 
 def param_count(params: Any) -> int:
+    """Number of parameters in a tree of arrays or shapes (``jax.eval_shape`` output)."""
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 

@@ -107,7 +107,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         projection_dim=64,
         activation="quick_gelu",
         dtype="float32",
-        remat=False,
+        remat_policy=ml_collections.config_dict.placeholder(str),  # None: no recomputation
     )
     c.optim = config_lib.optim(
         lr=2e-3,  # a tiny model tolerates a higher peak

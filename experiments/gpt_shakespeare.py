@@ -66,7 +66,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         dropout=0.0,  # under 1.5 epochs of data: dropout only slows learning
         attn_dropout=0.0,
         dtype="float32",
-        remat=False,
+        remat_policy=ml_collections.config_dict.placeholder(str),  # None: no recomputation
     )
     c.optim = config_lib.optim(
         lr=3e-3,  # a 4-layer model tolerates a higher peak than GPT-2's 6e-4

@@ -426,7 +426,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     example = jnp.zeros((1, 8), jnp.int32)
     init_fn = lambda rng: model.init(rng, example, example)
-    n_params = tr.param_count(model)
+    n_params = training.param_count(tr.abstract_params(model))
     meta = {
         "model": config.model.to_dict(),
         "data": config.data.to_dict(),

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import masks, presets
+from common import masks, presets, validation
+from common import sharding as sh
 from common.attention import IMPLEMENTATIONS, MultiHeadAttention
 from common.layers import MLP, activation, dense, layer_norm
 from common.losses import cross_entropy
@@ -61,7 +62,7 @@ class EncoderLayer(nn.Module):
             num_heads=self.num_heads,
             head_dim=d_model // self.num_heads,
             dropout=self.attn_dropout,
-            implementation=self.attention_impl,
+            attention_impl=self.attention_impl,
             name="attn",
             **kw,
         )(x, mask=mask, deterministic=deterministic)  # [batch, len, d_model]
@@ -93,31 +94,13 @@ class Bert(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        if self.num_heads > 0 and self.d_model % self.num_heads:
-            problems.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            problems.append(
-                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
-        for name in (
-            "vocab_size",
-            "max_len",
-            "type_vocab_size",
-            "num_layers",
-            "num_heads",
-            "d_model",
-            "d_ff",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.num_labels < 0:
-            problems.append(f"num_labels={self.num_labels} must be >= 0")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if problems:
-            raise ValueError("invalid Bert config: " + "; ".join(problems))
+        positive = ("vocab_size", "max_len", "type_vocab_size", "num_layers", "num_heads")
+        p = validation.positive_ints(self, *positive, "d_model", "d_ff")
+        p += validation.divides(self, "num_heads", "d_model")
+        p += validation.non_negative_ints(self, "num_labels")
+        p += validation.fractions(self, "dropout", "attn_dropout")
+        p += validation.one_of(self, "attention_impl", IMPLEMENTATIONS)
+        validation.check(self, p)
         activation(self.activation)  # unknown names fail here, not at the first call
         super().__post_init__()
 
@@ -127,14 +110,14 @@ class Bert(nn.Module):
         self.word_embeddings = nn.Embed(
             self.vocab_size,
             self.d_model,
-            embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+            embedding_init=nn.with_logical_partitioning(init, (sh.VOCAB, sh.EMBED)),
             **kw,
         )
         self.position_embeddings = LearnedPositional(self.max_len, self.d_model, **kw)
         self.segment_embeddings = nn.Embed(
             self.type_vocab_size,
             self.d_model,
-            embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
+            embedding_init=nn.with_logical_partitioning(init, (None, sh.EMBED)),
             **kw,
         )
         self.embed_ln = layer_norm("embed_ln", eps=self.layer_norm_eps, **kw)
@@ -152,18 +135,18 @@ class Bert(nn.Module):
             )
             for i in range(self.num_layers)
         ]
-        self.pooler = dense(self.d_model, ("embed", "mlp"), name="pooler", **kw)
-        self.mlm_dense = dense(self.d_model, ("embed", "mlp"), name="mlm_dense", **kw)
+        self.pooler = dense(self.d_model, (sh.EMBED, sh.MLP), name="pooler", **kw)
+        self.mlm_dense = dense(self.d_model, (sh.EMBED, sh.MLP), name="mlm_dense", **kw)
         self.mlm_ln = layer_norm("mlm_ln", eps=self.layer_norm_eps, **kw)
         self.mlm_bias = self.param(
             "mlm_bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+            nn.with_logical_partitioning(nn.initializers.zeros, (sh.VOCAB,)),
             (self.vocab_size,),
             self.param_dtype,
         )
-        self.nsp = dense(2, ("embed", None), name="nsp", **kw)
+        self.nsp = dense(2, (sh.EMBED, None), name="nsp", **kw)
         if self.num_labels:
-            self.classifier = dense(self.num_labels, ("embed", None), name="classifier", **kw)
+            self.classifier = dense(self.num_labels, (sh.EMBED, None), name="classifier", **kw)
         self.drop = nn.Dropout(self.dropout)
 
     def encode(
@@ -186,11 +169,11 @@ class Bert(nn.Module):
             + self.segment_embeddings(segments)
         )  # [batch, len, d_model]
         x = self.drop(self.embed_ln(x), deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         mask = None if valid is None else masks.padding_mask(valid.astype(bool))  # [b,1,1,len]
         for layer in self.layers:
             x = layer(x, mask, deterministic=deterministic)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         pooled = jnp.tanh(self.pooler(x[:, 0]))  # [batch, d_model]
         return x, pooled
 

@@ -28,9 +28,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import masks, presets
+from common import masks, presets, validation
+from common import sharding as sh
 from common.attention import IMPLEMENTATIONS, MultiHeadAttention
-from common.layers import ACTIVATIONS, MLP, layer_norm
+from common.layers import ACTIVATIONS, MLP, REMAT_POLICIES, layer_norm, remat
 from common.losses import projected_cross_entropy
 from common.positional import LearnedPositional
 
@@ -64,7 +65,7 @@ class Block(nn.Module):
             num_heads=self.num_heads,
             head_dim=d_model // self.num_heads,
             dropout=self.attn_dropout,
-            implementation=self.attention_impl,
+            attention_impl=self.attention_impl,
             out_kernel_init=nn.initializers.normal(self.out_init_std),
             name="attn",
             **kw,
@@ -135,39 +136,21 @@ class GPT(nn.Module):
     scaled_residual_init: bool = True  # residual projections std 0.02/sqrt(2L) (GPT-2)
     attention: str = "dense"  # "dense" | "alternating" (GPT-3: odd layers banded)
     local_window: int = 256  # band width of GPT-3's banded layers
-    remat: bool = False  # recompute each block in the backward pass
+    remat_policy: str | None = None  # see common.layers.REMAT_POLICIES; None = no remat
     attention_impl: str | None = None  # see common.attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        if self.num_heads > 0 and self.d_model % self.num_heads:
-            problems.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
-        if self.attention not in ATTENTION_PATTERNS:
-            problems.append(f"attention={self.attention!r} is not one of {ATTENTION_PATTERNS}")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            problems.append(
-                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
-        for name in (
-            "vocab_size",
-            "max_len",
-            "num_layers",
-            "num_heads",
-            "d_model",
-            "d_ff",
-            "local_window",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if problems:
-            raise ValueError("invalid GPT config: " + "; ".join(problems))
+        positive = ("vocab_size", "max_len", "num_layers", "num_heads", "d_model", "d_ff")
+        p = validation.positive_ints(self, *positive, "local_window")
+        p += validation.divides(self, "num_heads", "d_model")
+        p += validation.fractions(self, "dropout", "attn_dropout")
+        p += validation.one_of(self, "attention", ATTENTION_PATTERNS)
+        p += validation.one_of(self, "attention_impl", IMPLEMENTATIONS)
+        p += validation.one_of(self, "remat_policy", REMAT_POLICIES)
+        p += validation.one_of(self, "activation", sorted(ACTIVATIONS))
+        validation.check(self, p)
         super().__post_init__()
 
     def layer_window(self, i: int) -> int | None:
@@ -208,7 +191,7 @@ class GPT(nn.Module):
             self.vocab_size,
             self.d_model,
             embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("vocab", "embed")
+                nn.initializers.normal(0.02), (sh.VOCAB, sh.EMBED)
             ),
             name="wte",
             **kw,
@@ -216,10 +199,10 @@ class GPT(nn.Module):
         positions = cache_index + jnp.arange(length)  # [len]
         x = wte(tokens) + LearnedPositional(self.max_len, self.d_model, name="wpe", **kw)(positions)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)  # [batch, len, d_model]
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
 
         out_std = 0.02 / math.sqrt(2 * self.num_layers) if self.scaled_residual_init else 0.02
-        block_cls = nn.remat(Block) if (self.remat and cache is None) else Block
+        block_cls = remat(Block, self.remat_policy if cache is None else None)
         new_cache = {} if cache is not None else None
         for i in range(self.num_layers):
             block = block_cls(
@@ -239,7 +222,7 @@ class GPT(nn.Module):
             )
             layer_cache = None if cache is None else cache[f"h_{i}"]
             x, layer_cache = block(x, positions, layer_cache, cache_index)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
             if cache is not None:
                 new_cache[f"h_{i}"] = layer_cache
         if self.pre_norm:

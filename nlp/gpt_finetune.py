@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import sharding as sh
+from common import validation
 from common.layers import dense
 from common.losses import cross_entropy
 from nlp.gpt import GPT
@@ -126,7 +128,7 @@ class ExtractHead(nn.Module):
         h = jnp.take_along_axis(hidden, extract[:, None, None], axis=1)[:, 0]  # [batch, d]
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)  # [batch, d]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return dense(self.num_labels, ("embed", None), name="out", **kw)(h).astype(jnp.float32)
+        return dense(self.num_labels, (sh.EMBED, None), name="out", **kw)(h).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +145,9 @@ class GPTClassifier:
     head_dropout: float = 0.1  # ExtractHead.dropout
 
     def __post_init__(self):
-        if self.num_labels < 1:
-            raise ValueError(f"num_labels={self.num_labels} must be positive")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"head_dropout={self.head_dropout} must be in [0, 1)")
+        problems = validation.positive_ints(self, "num_labels")
+        problems += validation.fractions(self, "head_dropout")
+        validation.check(self, problems)
 
     @property
     def head(self) -> ExtractHead:

@@ -40,12 +40,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import presets
+from common import presets, validation
+from common import sharding as sh
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
-from common.layers import ACTIVATIONS, StackedDense, flat_dot_general, layer_norm
+from common.layers import (
+    ACTIVATIONS,
+    REMAT_POLICIES,
+    StackedDense,
+    flat_dot_general,
+    layer_norm,
+    remat,
+)
 from common.positional import sinusoidal_table
-from nlp.sparse_transformer import REMAT_POLICIES, remat_block
+from nlp.sparse_transformer import Block
 
 Array = jax.Array
 LAYER_KINDS = {"D": "dense causal", "L": "local", "M": "memory-compressed"}
@@ -76,9 +84,9 @@ class LongAttention(nn.Module):
             3,
             (h, d),
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.init_std), ("embed", None, "heads", "kv")
+                nn.initializers.normal(self.init_std), (sh.EMBED, None, sh.HEADS, sh.KV)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, sh.HEADS, sh.KV)),
             name="qkv",
             **kw,
         )(x)  # each [batch, len, heads, head_dim]
@@ -113,9 +121,9 @@ class LongAttention(nn.Module):
             axis=(-2, -1),
             dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.out_init_std), ("heads", "kv", "embed")
+                nn.initializers.normal(self.out_init_std), (sh.HEADS, sh.KV, sh.EMBED)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
             name="out",
             **kw,
         )(out)  # [batch, len, d_model]
@@ -142,24 +150,18 @@ class LongLM(nn.Module):
     activation: str = "relu"
     layer_norm_eps: float = 1e-6
     init_std: float = 0.02  # residual output projections: init_std / sqrt(2 * layers)
-    remat_policy: str | None = None  # see nlp.sparse_transformer.REMAT_POLICIES
+    remat_policy: str | None = None  # see common.layers.REMAT_POLICIES; None = no remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = self.config_problems()
-        if problems:
-            raise ValueError("invalid LongLM config: " + "; ".join(problems))
+        validation.check(self, self.config_problems())
         super().__post_init__()
 
     def config_problems(self) -> list[str]:
-        p = []
         ints = ("vocab_size", "max_len", "num_heads", "d_model", "d_ff")
         ints += ("local_block", "compress_kernel", "compress_stride")
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                p.append(f"{name}={value!r} must be a positive int")
+        p = validation.positive_ints(self, *ints)
         if p:
             return p
         if not isinstance(self.layer_pattern, str) or not self.layer_pattern:
@@ -171,8 +173,7 @@ class LongLM(nn.Module):
                     f"layer_pattern={self.layer_pattern!r} has unknown letter(s) {unknown}; "
                     f"known: {', '.join(f'{k} = {v}' for k, v in LAYER_KINDS.items())}"
                 )
-        if self.d_model % self.num_heads:  # num_heads > 0: checked above
-            p.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
+        p += validation.divides(self, "num_heads", "d_model")
         if "L" in self.layer_pattern and self.local_block > self.max_len:
             p.append(
                 f"local_block={self.local_block} does not fit the sequence (max_len={self.max_len})"
@@ -182,15 +183,11 @@ class LongLM(nn.Module):
                 f"compress_stride={self.compress_stride} does not fit the sequence "
                 f"(max_len={self.max_len})"
             )
-        if self.remat_policy not in REMAT_POLICIES:
-            p.append(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        p += validation.one_of(self, "remat_policy", REMAT_POLICIES)
         if self.d_model % 2:
             p.append(f"d_model={self.d_model} must be even (sinusoidal positions)")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                p.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.activation not in ACTIVATIONS:
-            p.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        p += validation.fractions(self, "dropout", "attn_dropout")
+        p += validation.one_of(self, "activation", sorted(ACTIVATIONS))
         return p
 
     @property
@@ -218,7 +215,7 @@ class LongLM(nn.Module):
             self.vocab_size,
             self.d_model,
             embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.init_std), ("vocab", "embed")
+                nn.initializers.normal(self.init_std), (sh.VOCAB, sh.EMBED)
             ),
             name="wte",
             **kw,
@@ -228,9 +225,9 @@ class LongLM(nn.Module):
         pos = jnp.asarray(sinusoidal_table(length, self.d_model), self.dtype)  # [len, d]
         x = wte(tokens) * math.sqrt(self.d_model) + pos  # [batch, len, d_model]
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         out_std = self.init_std / math.sqrt(2 * self.num_layers)
-        block_cls = remat_block(self.remat_policy)
+        block_cls = remat(Block, self.remat_policy)
         for i, kind in enumerate(self.layer_pattern):
             attn = LongAttention(
                 num_heads=self.num_heads,
@@ -258,7 +255,7 @@ class LongLM(nn.Module):
                 name=f"h_{i}",
                 **kw,
             )(x)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         x = layer_norm("ln_f", eps=self.layer_norm_eps, **kw)(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [batch, d]

@@ -47,10 +47,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import presets, splash_attention
+from common import presets, splash_attention, validation
+from common import sharding as sh
 from common import sparse_attention as sa
 from common.attention import dot_product_attention
-from common.layers import MLP, StackedDense, flat_dot_general, layer_norm
+from common.layers import (
+    MLP,
+    REMAT_POLICIES,
+    StackedDense,
+    flat_dot_general,
+    layer_norm,
+    remat,
+)
 from common.losses import cross_entropy
 
 Array = jax.Array
@@ -61,18 +69,6 @@ MODES = ("interleaved", "merged", "multihead")
 # exact but slow, elsewhere).
 ATTENTION_IMPLS = ("xla", "splash")
 POSITIONS = ("text", "image")
-REMAT_POLICIES = (
-    None,
-    "nothing_saveable",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "everything_saveable",
-)
-
-
-def remat_policy_fn(name: str | None):
-    """The ``jax.checkpoint_policies`` function called ``name`` (validated by the caller)."""
-    return getattr(jax.checkpoint_policies, name)
 
 
 def _pad_to(x: Array, length: int) -> Array:
@@ -90,7 +86,7 @@ def sparse_pattern_attention(
     stride: int,
     c: int,
     head_offsets: Sequence[int] | None = None,
-    impl: str = "xla",
+    attention_impl: str = "xla",
 ) -> Array:
     """Causal self-attention ``[b, n, h, d] -> [b, n, h, d]`` for one layer.
 
@@ -102,7 +98,7 @@ def sparse_pattern_attention(
         return dot_product_attention(q, k, v, is_causal=True)
     n = q.shape[1]
     q, k, v = (_pad_to(x, stride) for x in (q, k, v))
-    if impl == "splash":
+    if attention_impl == "splash":
         length, heads = q.shape[1], q.shape[2]
         if kind == "strided":
             mask = sa.strided_mask(length, stride=stride, mode=part, heads=heads)
@@ -130,7 +126,7 @@ class SparseSelfAttention(nn.Module):
     stride: int  # l: strided stride / fixed block
     c: int  # fixed pattern: summary positions per block
     head_offsets: tuple[int, ...] | None = None  # fixed pattern: per-head offsets of part B
-    impl: str = "xla"  # see ATTENTION_IMPLS
+    attention_impl: str = "xla"  # see ATTENTION_IMPLS
     init_std: float = 0.02
     out_init_std: float = 0.02  # std of the output projection (a residual branch)
     dtype: Any = jnp.float32
@@ -144,9 +140,9 @@ class SparseSelfAttention(nn.Module):
             3,
             (h, d),
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.init_std), ("embed", None, "heads", "kv")
+                nn.initializers.normal(self.init_std), (sh.EMBED, None, sh.HEADS, sh.KV)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, sh.HEADS, sh.KV)),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="qkv",
@@ -160,16 +156,16 @@ class SparseSelfAttention(nn.Module):
             stride=self.stride,
             c=self.c,
             head_offsets=self.head_offsets,
-            impl=self.impl,
+            attention_impl=self.attention_impl,
         )  # [batch, len, heads, head_dim]
         return nn.DenseGeneral(
             d_model,
             axis=(-2, -1),
             dot_general=flat_dot_general,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.out_init_std), ("heads", "kv", "embed")
+                nn.initializers.normal(self.out_init_std), (sh.HEADS, sh.KV, sh.EMBED)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="out",
@@ -214,13 +210,6 @@ class Block(nn.Module):
         return x + mlp(ln_2(x), deterministic=self.deterministic)
 
 
-def remat_block(policy: str | None) -> type[Block]:
-    """``Block``, or ``nn.remat(Block)`` under the named checkpoint policy."""
-    if policy is None:
-        return Block
-    return nn.remat(Block, policy=remat_policy_fn(policy), prevent_cse=True)
-
-
 class FactorizedPositional(nn.Module):
     """Learned factorized positions (Child et al. 2019, section 5.3), ``[n] -> [n, dim]``.
 
@@ -245,7 +234,7 @@ class FactorizedPositional(nn.Module):
             table = self.param(
                 f"embedding_{axis}",
                 nn.with_logical_partitioning(
-                    nn.initializers.normal(self.init_std), (None, "embed")
+                    nn.initializers.normal(self.init_std), (None, sh.EMBED)
                 ),
                 (size, self.dim),
                 self.param_dtype,
@@ -278,38 +267,26 @@ class SparseTransformer(nn.Module):
     dropout: float = 0.0  # embeddings and residual branches (never attention weights)
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02  # residual output projections: init_std / sqrt(2 * num_layers)
-    remat_policy: str | None = None  # see REMAT_POLICIES; None = no recomputation
+    remat_policy: str | None = None  # see common.layers.REMAT_POLICIES; None = no remat
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = self.config_problems()
-        if problems:
-            raise ValueError("invalid SparseTransformer config: " + "; ".join(problems))
+        validation.check(self, self.config_problems())
         super().__post_init__()
 
     def config_problems(self) -> list[str]:
-        p = []
-        for name in ("vocab_size", "max_len", "num_layers", "num_heads", "d_model", "d_ff"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                p.append(f"{name}={value!r} must be a positive int")
+        positive = ("vocab_size", "max_len", "num_layers", "num_heads", "d_model", "d_ff")
+        p = validation.positive_ints(self, *positive)
         if p:
             return p
-        if self.d_model % self.num_heads:
-            p.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
-        if self.attention not in ATTENTION_KINDS:
-            p.append(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
-        if self.mode not in MODES:
-            p.append(f"mode={self.mode!r} is not one of {MODES}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            p.append(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            p.append(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
-        if self.positions not in POSITIONS:
-            p.append(f"positions={self.positions!r} is not one of {POSITIONS}")
-        if not 0.0 <= self.dropout < 1.0:
-            p.append(f"dropout={self.dropout} must be in [0, 1)")
+        p += validation.divides(self, "num_heads", "d_model")
+        p += validation.one_of(self, "attention", ATTENTION_KINDS)
+        p += validation.one_of(self, "mode", MODES)
+        p += validation.one_of(self, "attention_impl", ATTENTION_IMPLS)
+        p += validation.one_of(self, "remat_policy", REMAT_POLICIES)
+        p += validation.one_of(self, "positions", POSITIONS)
+        p += validation.fractions(self, "dropout")
         if not isinstance(self.stride, int) or self.stride <= 0:
             p.append(f"stride={self.stride!r} must be a positive int")
         elif self.stride > self.max_len:
@@ -381,7 +358,7 @@ class SparseTransformer(nn.Module):
             self.vocab_size,
             self.d_model,
             embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.init_std), ("vocab", "embed")
+                nn.initializers.normal(self.init_std), (sh.VOCAB, sh.EMBED)
             ),
             name="wte",
             **kw,
@@ -389,10 +366,10 @@ class SparseTransformer(nn.Module):
         wpe = FactorizedPositional(self.position_shape(), self.d_model, name="wpe", **kw)
         x = wte(tokens) + wpe(jnp.arange(length))  # [batch, len, d_model]
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
 
         out_std = self.init_std / math.sqrt(2 * self.num_layers)
-        block_cls = remat_block(self.remat_policy)
+        block_cls = remat(Block, self.remat_policy)
         for i in range(self.num_layers):
             attn = SparseSelfAttention(
                 num_heads=self.num_heads,
@@ -401,7 +378,7 @@ class SparseTransformer(nn.Module):
                 stride=self.stride,
                 c=self.c,
                 head_offsets=None if self.head_offsets is None else tuple(self.head_offsets),
-                impl=self.attention_impl,
+                attention_impl=self.attention_impl,
                 init_std=self.init_std,
                 out_init_std=out_std,
                 parent=None,  # unbound: the block adopts it as its `attention` child
@@ -418,7 +395,7 @@ class SparseTransformer(nn.Module):
                 name=f"h_{i}",
                 **kw,
             )(x)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         x = layer_norm("ln_f", eps=self.layer_norm_eps, **kw)(x)
         return wte.attend(x).astype(jnp.float32)  # [batch, len, vocab]
 

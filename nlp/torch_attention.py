@@ -62,7 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import convert
+from common import convert, validation
+from common import sharding as sh
 from common.layers import activation, flat_dot_general, layer_norm
 
 Array = jax.Array
@@ -102,11 +103,6 @@ def _check_mask_dtype(mask: Any, name: str) -> Array:
     return mask
 
 
-def _check_dropout(problems: list[str], name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        problems.append(f"{name}={value} must be in [0, 1)")
-
-
 # --------------------------------------------------------------------------- attention
 
 
@@ -132,20 +128,11 @@ class TorchMultiheadAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        for name in ("embed_dim", "num_heads"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.num_heads > 0 and self.embed_dim % self.num_heads:
-            problems.append(
-                f"num_heads={self.num_heads} does not divide embed_dim={self.embed_dim}"
-            )
-        for name in ("kdim", "vdim"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        _check_dropout(problems, "dropout", self.dropout)
-        if problems:
-            raise ValueError("invalid TorchMultiheadAttention config: " + "; ".join(problems))
+        problems = validation.positive_ints(self, "embed_dim", "num_heads")
+        problems += validation.divides(self, "num_heads", "embed_dim")
+        problems += validation.optional_positive_ints(self, "kdim", "vdim")
+        problems += validation.fractions(self, "dropout")
+        validation.check(self, problems)
         super().__post_init__()
 
     @property
@@ -286,9 +273,9 @@ class TorchMultiheadAttention(nn.Module):
                     **kw,
                 )
 
-            q = linear("q_proj", ("embed", "heads"))(q_in)
-            k = linear("k_proj", (None, "heads"))(k_in)
-            v = linear("v_proj", (None, "heads"))(v_in)
+            q = linear("q_proj", (sh.EMBED, sh.HEADS))(q_in)
+            k = linear("k_proj", (None, sh.HEADS))(k_in)
+            v = linear("v_proj", (None, sh.HEADS))(v_in)
 
         def pad_masks(allowed, bias):  # one more key position, allowed and unbiased
             if allowed is not None:
@@ -305,7 +292,7 @@ class TorchMultiheadAttention(nn.Module):
             xavier_normal = nn.initializers.variance_scaling(
                 1.0, "fan_avg", "normal", in_axis=1, out_axis=0
             )
-            init = nn.with_logical_partitioning(xavier_normal, (None, None, "heads"))
+            init = nn.with_logical_partitioning(xavier_normal, (None, None, sh.HEADS))
             bias_k = self.param("bias_k", init, (1, 1, E), self.param_dtype)
             bias_v = self.param("bias_v", init, (1, 1, E), self.param_dtype)
             k = jnp.concatenate([k, jnp.broadcast_to(bias_k, (n, 1, E)).astype(k.dtype)], axis=1)
@@ -335,8 +322,8 @@ class TorchMultiheadAttention(nn.Module):
             E,
             use_bias=self.bias,
             dot_general=flat_dot_general,
-            kernel_init=nn.with_logical_partitioning(out_init, ("heads", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            kernel_init=nn.with_logical_partitioning(out_init, (sh.HEADS, sh.EMBED)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
             name="out_proj",
             **kw,
         )(out)  # [N, L, E]
@@ -366,7 +353,7 @@ class _PackedInProjection(nn.Module):
         E = self.embed_dim
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(_xavier_2d, ("embed", "heads")),
+            nn.with_logical_partitioning(_xavier_2d, (sh.EMBED, sh.HEADS)),
             (E, 3 * E),
             self.param_dtype,
         )
@@ -377,7 +364,7 @@ class _PackedInProjection(nn.Module):
         if self.use_bias:
             b = self.param(
                 "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
+                nn.with_logical_partitioning(nn.initializers.zeros, (sh.HEADS,)),
                 (3 * E,),
                 self.param_dtype,
             )
@@ -405,12 +392,8 @@ class _LayerParts(nn.Module):
     param_dtype: Any = jnp.float32
 
     def _validate(self, what: str, extra: tuple[str, ...] = ()) -> None:
-        problems = _layer_problems(self)
-        for name in extra:
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if problems:
-            raise ValueError(f"invalid {what} config: " + "; ".join(problems))
+        problems = _layer_problems(self) + validation.positive_ints(self, *extra)
+        validation.check(self, problems, what)
 
     def _attention(self, name: str) -> TorchMultiheadAttention:
         return _layer_attention(self, name=name)
@@ -435,25 +418,19 @@ class _LayerParts(nn.Module):
 
     def _feed_forward(self, x: Array, deterministic: bool) -> Array:
         """linear1 -> activation -> dropout -> linear2 -> dropout (torch's ``_ff_block``)."""
-        x = self._linear(self.dim_feedforward, self.d_model, ("embed", "mlp"), "linear1")(x)
+        x = self._linear(self.dim_feedforward, self.d_model, (sh.EMBED, sh.MLP), "linear1")(x)
         x = activation(self.activation)(x)  # [.., dim_feedforward]
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        x = self._linear(self.d_model, self.dim_feedforward, ("mlp", "embed"), "linear2")(x)
+        x = self._linear(self.d_model, self.dim_feedforward, (sh.MLP, sh.EMBED), "linear2")(x)
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
 def _layer_problems(m: Any) -> list[str]:
     """Problems with the layer fields of ``m`` (a layer, a stack or ``TorchTransformer``)."""
-    problems = []
-    for name in ("d_model", "nhead", "dim_feedforward"):
-        if getattr(m, name) <= 0:
-            problems.append(f"{name}={getattr(m, name)} must be positive")
-    if m.nhead > 0 and m.d_model % m.nhead:
-        problems.append(f"nhead={m.nhead} does not divide d_model={m.d_model}")
-    if m.activation not in TORCH_ACTIVATIONS:
-        problems.append(f"activation={m.activation!r} is not one of {TORCH_ACTIVATIONS}")
-    _check_dropout(problems, "dropout", m.dropout)
-    return problems
+    problems = validation.positive_ints(m, "d_model", "nhead", "dim_feedforward")
+    problems += validation.divides(m, "nhead", "d_model")
+    problems += validation.one_of(m, "activation", TORCH_ACTIVATIONS)
+    return problems + validation.fractions(m, "dropout")
 
 
 def _layer_attention(m: Any, **kw: Any) -> TorchMultiheadAttention:
@@ -693,11 +670,8 @@ class TorchTransformer(nn.Module):
 
     def __post_init__(self):
         problems = _layer_problems(self)
-        for name in ("num_encoder_layers", "num_decoder_layers"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if problems:
-            raise ValueError("invalid TorchTransformer config: " + "; ".join(problems))
+        problems += validation.positive_ints(self, "num_encoder_layers", "num_decoder_layers")
+        validation.check(self, problems)
         super().__post_init__()
 
     def setup(self):

@@ -42,9 +42,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from common import masks, presets
+from common import masks, presets, validation
+from common import sharding as sh
 from common.attention import IMPLEMENTATIONS, dot_product_attention
 from common.layers import ACTIVATIONS, MLP, flat_dot_general, layer_norm
 from common.losses import projected_cross_entropy
@@ -66,7 +66,7 @@ class Attention(nn.Module):
     num_heads: int
     d_model: int
     dropout: float = 0.0  # on the attention weights
-    implementation: str | None = None  # see common.attention
+    attention_impl: str | None = None  # see common.attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -77,8 +77,8 @@ class Attention(nn.Module):
             return nn.DenseGeneral(
                 (h, d),
                 dot_general=flat_dot_general,
-                kernel_init=nn.with_logical_partitioning(_XAVIER, ("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+                kernel_init=nn.with_logical_partitioning(_XAVIER, (sh.EMBED, sh.HEADS, sh.KV)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.HEADS, sh.KV)),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
@@ -89,8 +89,8 @@ class Attention(nn.Module):
             self.d_model,
             axis=(-2, -1),
             dot_general=flat_dot_general,
-            kernel_init=nn.with_logical_partitioning(_XAVIER, ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            kernel_init=nn.with_logical_partitioning(_XAVIER, (sh.HEADS, sh.KV, sh.EMBED)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="out",
@@ -131,7 +131,7 @@ class Attention(nn.Module):
             is_causal=is_causal,
             dropout_rate=rate,
             dropout_rng=self.make_rng("dropout") if rate > 0.0 else None,
-            implementation=self.implementation,
+            implementation=self.attention_impl,
         )  # [batch, q_len, heads, head_dim]
         return self.out(out), cache  # [batch, q_len, d_model]
 
@@ -174,7 +174,7 @@ def _attention(cfg: _LayerFields, name: str) -> Attention:
         cfg.num_heads,
         cfg.d_model,
         dropout=cfg.attn_dropout,
-        implementation=cfg.attention_impl,
+        attention_impl=cfg.attention_impl,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         name=name,
@@ -192,7 +192,7 @@ class EncoderLayer(_LayerFields):
         a, _ = _attention(cfg, "self_attn")(x, mask=mask, deterministic=deterministic)
         x = layer_norm("ln_1", **kw)(x + drop(a, deterministic=deterministic))
         x = layer_norm("ln_2", **kw)(x + _mlp(cfg)(x, deterministic=deterministic))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, sh.ACTIVATIONS)
 
 
 class DecoderLayer(_LayerFields):
@@ -235,7 +235,7 @@ class DecoderLayer(_LayerFields):
         a, _ = self.cross_attn(x, memory_kv, mask=cross_mask, deterministic=deterministic)
         x = self.ln_2(x + self.drop(a, deterministic=deterministic))
         x = self.ln_3(x + self.ffn(x, deterministic=deterministic))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+        return nn.with_logical_constraint(x, sh.ACTIVATIONS), cache
 
 
 # --------------------------------------------------------------------------- model
@@ -266,36 +266,16 @@ class Transformer(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        positive = (
-            "vocab_size",
-            "max_len",
-            "num_encoder_layers",
-            "num_decoder_layers",
-            "num_heads",
-            "d_model",
-            "d_ff",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.src_vocab_size is not None and self.src_vocab_size <= 0:
-            problems.append(f"src_vocab_size={self.src_vocab_size} must be positive or None")
-        if self.num_heads > 0 and self.d_model % self.num_heads:
-            problems.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
-        if self.d_model % 2:
-            problems.append(f"d_model={self.d_model} must be even (sinusoidal positions)")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            problems.append(
-                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
-        if problems:
-            raise ValueError("invalid Transformer config: " + "; ".join(problems))
+        positive = ("vocab_size", "max_len", "num_encoder_layers", "num_decoder_layers")
+        p = validation.positive_ints(self, *positive, "num_heads", "d_model", "d_ff")
+        p += validation.optional_positive_ints(self, "src_vocab_size")
+        p += validation.divides(self, "num_heads", "d_model")
+        if validation.is_positive_int(self.d_model) and self.d_model % 2:
+            p.append(f"d_model={self.d_model} must be even (sinusoidal positions)")
+        p += validation.fractions(self, "dropout", "attn_dropout")
+        p += validation.one_of(self, "activation", sorted(ACTIVATIONS))
+        p += validation.one_of(self, "attention_impl", IMPLEMENTATIONS)
+        validation.check(self, p)
         super().__post_init__()
 
     @property
@@ -308,7 +288,7 @@ class Transformer(nn.Module):
                 vocab,
                 self.d_model,
                 embedding_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(self.d_model**-0.5), ("vocab", "embed")
+                    nn.initializers.normal(self.d_model**-0.5), (sh.VOCAB, sh.EMBED)
                 ),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -332,7 +312,7 @@ class Transformer(nn.Module):
         x = table(tokens) * jnp.asarray(math.sqrt(self.d_model), self.dtype)
         x = x + jnp.take(pe, positions, axis=0).astype(self.dtype)  # [batch, len, d_model]
         x = self.drop(x, deterministic=deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, sh.ACTIVATIONS)
 
     def _check_tokens(self, tokens: Array, what: str) -> None:
         if tokens.ndim != 2:
@@ -728,9 +708,9 @@ def beam_search(
     )
 
 
-def param_count(model: Transformer) -> int:
-    """Trainable parameters of ``model`` (the shared embedding counted once; the sinusoidal
-    positions are not parameters), from ``jax.eval_shape``: no memory, no FLOPs."""
+def abstract_params(model: Transformer) -> Any:
+    """The params tree of ``model`` as shapes (``jax.eval_shape``: no memory, no FLOPs), e.g.
+    for ``common.training.param_count``: the shared embedding is one leaf and the sinusoidal
+    positions are not parameters."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens)
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    return jax.eval_shape(model.init, jax.random.key(0), tokens, tokens)["params"]

@@ -57,20 +57,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import presets
+from common import presets, validation
+from common import sharding as sh
 from common.attention import IMPLEMENTATIONS
-from common.layers import ACTIVATIONS, dense, layer_norm
+from common.layers import ACTIVATIONS, REMAT_POLICIES, dense, layer_norm, remat
 from vision.vit import RESIZE_METHODS, EncoderBlock, resize_positions
 
 Array = jax.Array
 
 
-def _blocks(x: Array, cfg: dict[str, Any], num_layers: int, remat: bool, causal: bool) -> Array:
+def _blocks(
+    x: Array, cfg: dict[str, Any], num_layers: int, remat_policy: str | None, causal: bool
+) -> Array:
     """``num_layers`` pre-LN blocks ``block_{i}`` (called inside a compact module)."""
-    block_cls = nn.remat(EncoderBlock) if remat else EncoderBlock
+    block_cls = remat(EncoderBlock, remat_policy)
     for i in range(num_layers):
         x = block_cls(causal=causal, name=f"block_{i}", **cfg)(x)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
     return x  # [batch, tokens, d_model]
 
 
@@ -88,7 +91,7 @@ class VisionEncoder(nn.Module):
     activation: str
     layer_norm_eps: float
     resize_method: str = "bicubic"  # positions at another resolution (HF: bicubic)
-    remat: bool = False
+    remat_policy: str | None = None
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -104,7 +107,7 @@ class VisionEncoder(nn.Module):
             padding="VALID",
             use_bias=False,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (None, None, None, "embed")
+                nn.initializers.lecun_normal(), (None, None, None, sh.EMBED)
             ),
             name="patch_embed",
             **kw,
@@ -114,7 +117,7 @@ class VisionEncoder(nn.Module):
         scale = d**-0.5  # OpenAI's init scale for the class token and positions
         cls = self.param(
             "cls",
-            nn.with_logical_partitioning(nn.initializers.normal(scale), ("embed",)),
+            nn.with_logical_partitioning(nn.initializers.normal(scale), (sh.EMBED,)),
             (d,),
             self.param_dtype,
         )
@@ -122,7 +125,7 @@ class VisionEncoder(nn.Module):
         table = self.image_size // p
         pos = self.param(
             "pos_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(scale), (None, "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(scale), (None, sh.EMBED)),
             (1 + table * table, d),
             self.param_dtype,
         )
@@ -131,7 +134,7 @@ class VisionEncoder(nn.Module):
             pos = jnp.concatenate([pos[:1], grid.reshape(gh * gw, d)], axis=0)
         x = x + pos.astype(self.dtype)[None]  # [batch, 1 + patches, d_model]
         x = layer_norm("ln_pre", eps=self.layer_norm_eps, **kw)(x)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         cfg = dict(
             num_heads=self.num_heads,
             d_ff=self.d_ff,
@@ -143,7 +146,7 @@ class VisionEncoder(nn.Module):
             attention_impl=self.attention_impl,
             **kw,
         )
-        x = _blocks(x, cfg, self.num_layers, self.remat, causal=False)
+        x = _blocks(x, cfg, self.num_layers, self.remat_policy, causal=False)
         return layer_norm("ln_post", eps=self.layer_norm_eps, **kw)(x[:, 0])  # [batch, d]
 
 
@@ -160,7 +163,7 @@ class TextEncoder(nn.Module):
     activation: str
     layer_norm_eps: float
     eos_token_id: int | None
-    remat: bool = False
+    remat_policy: str | None = None
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -173,19 +176,19 @@ class TextEncoder(nn.Module):
             self.vocab_size,
             self.d_model,
             embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("vocab", "embed")
+                nn.initializers.normal(0.02), (sh.VOCAB, sh.EMBED)
             ),
             name="token_embed",
             **kw,
         )(tokens)  # [batch, length, d_model]
         pos = self.param(
             "pos_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, sh.EMBED)),
             (self.context_length, self.d_model),
             self.param_dtype,
         )
         x = x + pos[:length].astype(self.dtype)[None]
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         cfg = dict(
             num_heads=self.num_heads,
             d_ff=self.d_ff,
@@ -197,7 +200,7 @@ class TextEncoder(nn.Module):
             attention_impl=self.attention_impl,
             **kw,
         )
-        x = _blocks(x, cfg, self.num_layers, self.remat, causal=True)
+        x = _blocks(x, cfg, self.num_layers, self.remat_policy, causal=True)
         x = layer_norm("ln_final", eps=self.layer_norm_eps, **kw)(x)  # [batch, length, d]
         if self.eos_token_id is None:
             eos = jnp.argmax(tokens, axis=-1)  # [batch] largest id = OpenAI's EOT
@@ -241,37 +244,19 @@ class CLIP(nn.Module):
     logit_scale_init: float = math.log(1 / 0.07)  # log of the inverse temperature
     logit_scale_max: float = 100.0  # training clamps exp(logit_scale) to [1, this]
     resize_method: str = "bicubic"  # image positions at another resolution
-    remat: bool = False  # recompute each block in the backward pass
+    remat_policy: str | None = None  # see common.layers.REMAT_POLICIES; None = no remat
     attention_impl: str | None = None  # see common.attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        positive = (
-            "image_size",
-            "patch_size",
-            "num_channels",
-            "vision_layers",
-            "vision_heads",
-            "vision_d_model",
-            "vision_d_ff",
-            "vocab_size",
-            "context_length",
-            "text_layers",
-            "text_heads",
-            "text_d_model",
-            "text_d_ff",
-            "projection_dim",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        for prefix in ("vision", "text"):
-            d, h = getattr(self, f"{prefix}_d_model"), getattr(self, f"{prefix}_heads")
-            if h > 0 and d % h:
-                problems.append(f"{prefix}_heads={h} does not divide {prefix}_d_model={d}")
-        if self.patch_size > 0 and self.image_size % self.patch_size:
+        vision = ("vision_layers", "vision_heads", "vision_d_model", "vision_d_ff")
+        text = ("vocab_size", "context_length", "text_layers", "text_heads", "text_d_model")
+        problems = validation.positive_ints(self, "image_size", "patch_size", "num_channels")
+        problems += validation.positive_ints(self, *vision, *text, "text_d_ff", "projection_dim")
+        problems += validation.divides(self, "vision_heads", "vision_d_model")
+        problems += validation.divides(self, "text_heads", "text_d_model")
+        if validation.is_positive_int(self.patch_size) and self.image_size % self.patch_size:
             problems.append(
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
             )
@@ -279,25 +264,20 @@ class CLIP(nn.Module):
             problems.append(
                 f"eos_token_id={self.eos_token_id} is outside the vocabulary [0, {self.vocab_size})"
             )
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if self.resize_method not in RESIZE_METHODS:
-            problems.append(f"resize_method={self.resize_method!r} is not one of {RESIZE_METHODS}")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            problems.append(
-                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
+        problems += validation.one_of(self, "activation", sorted(ACTIVATIONS))
+        problems += validation.one_of(self, "resize_method", RESIZE_METHODS)
+        problems += validation.one_of(self, "attention_impl", IMPLEMENTATIONS)
+        problems += validation.one_of(self, "remat_policy", REMAT_POLICIES)
         if not self.logit_scale_max >= 1:
             problems.append(f"logit_scale_max={self.logit_scale_max} must be >= 1")
-        if problems:
-            raise ValueError("invalid CLIP config: " + "; ".join(problems))
+        validation.check(self, problems)
         super().__post_init__()
 
     def setup(self):
         kw = dict(
             activation=self.activation,
             layer_norm_eps=self.layer_norm_eps,
-            remat=self.remat,
+            remat_policy=self.remat_policy,
             attention_impl=self.attention_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -325,7 +305,7 @@ class CLIP(nn.Module):
         )
         proj = lambda width, name: dense(
             self.projection_dim,
-            ("embed", None),
+            (sh.EMBED, None),
             name=name,
             use_bias=False,
             kernel_init=nn.initializers.normal(width**-0.5),
@@ -345,21 +325,7 @@ class CLIP(nn.Module):
 
     def check_images(self, images: Array) -> None:
         """Raises ``ValueError`` naming what is wrong with an image batch."""
-        if images.ndim != 4:
-            raise ValueError(
-                f"images must be [batch, height, width, channels], got shape {images.shape}"
-            )
-        _, h, w, c = images.shape
-        if c != self.num_channels:
-            raise ValueError(
-                f"images have {c} channels, the model expects num_channels={self.num_channels} "
-                f"(images are channels-last: [batch, height, width, channels])"
-            )
-        for side, n in (("height", h), ("width", w)):
-            if n < self.patch_size or n % self.patch_size:
-                raise ValueError(
-                    f"image {side} {n} is not a positive multiple of patch_size={self.patch_size}"
-                )
+        validation.check_images(images.shape, self.num_channels, self.patch_size)
 
     def check_tokens(self, tokens: Array) -> None:
         """Raises ``ValueError`` naming what is wrong with a token batch."""

@@ -57,9 +57,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import presets
+from common import presets, validation
+from common import sharding as sh
 from common.attention import IMPLEMENTATIONS, dot_product_attention
-from common.layers import ACTIVATIONS, MLP, StackedDense, activation, layer_norm
+from common.layers import (
+    ACTIVATIONS,
+    MLP,
+    REMAT_POLICIES,
+    StackedDense,
+    activation,
+    layer_norm,
+    remat,
+)
 
 Array = jax.Array
 
@@ -149,9 +158,9 @@ def conv(name: str, features: int, kernel: int, stride: int, padding: str, **kw:
         strides=(stride, stride),
         padding=padding,
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, None, "embed")
+            nn.initializers.lecun_normal(), (None, None, None, sh.EMBED)
         ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
         name=name,
         **kw,
     )
@@ -189,7 +198,7 @@ class WindowAttention(nn.Module):
     num_heads: int
     window: int  # M of the bias table (the paper's window size)
     attn_dropout: float = 0.0
-    implementation: str | None = None
+    attention_impl: str | None = None  # see common.attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -209,16 +218,16 @@ class WindowAttention(nn.Module):
             3,
             (h, d),
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.truncated_normal(0.02), ("embed", None, "heads", "kv")
+                nn.initializers.truncated_normal(0.02), (sh.EMBED, None, sh.HEADS, sh.KV)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, sh.HEADS, sh.KV)),
             name="qkv",
             dot_general=jax.lax.dot_general,  # see common.layers.flat_dot_general
             **kw,
         )(x)  # each [windows, w*w, heads, d]
         table = self.param(
             "relative_position_bias_table",
-            nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, "heads")),
+            nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), (None, sh.HEADS)),
             ((2 * self.window - 1) ** 2, h),
             self.param_dtype,
         )
@@ -226,7 +235,7 @@ class WindowAttention(nn.Module):
         bias = jnp.take(table, jnp.asarray(index), axis=0).reshape(window**2, window**2, h)
         bias = bias.transpose(2, 0, 1)[None]  # [1, heads, w*w, w*w]
         # logits are float32 on the XLA/einsum paths; cuDNN wants the bias in the input dtype
-        bias = bias.astype(self.dtype if self.implementation == "cudnn" else jnp.float32)
+        bias = bias.astype(self.dtype if self.attention_impl == "cudnn" else jnp.float32)
         rate = 0.0 if deterministic else self.attn_dropout
         out = dot_product_attention(
             q,
@@ -236,15 +245,15 @@ class WindowAttention(nn.Module):
             bias=bias,
             dropout_rate=rate,
             dropout_rng=self.make_rng("dropout") if rate > 0.0 else None,
-            implementation=self.implementation,
+            implementation=self.attention_impl,
         )  # [windows, w*w, heads, d]
         return nn.DenseGeneral(
             dim,
             axis=(-2, -1),
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.truncated_normal(0.02), ("heads", "kv", "embed")
+                nn.initializers.truncated_normal(0.02), (sh.HEADS, sh.KV, sh.EMBED)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
             name="out",
             **kw,
         )(out)  # [windows, w*w, dim]
@@ -290,7 +299,7 @@ class SwinBlock(nn.Module):
             self.num_heads,
             self.window,
             attn_dropout=self.attn_dropout,
-            implementation=self.attention_impl,
+            attention_impl=self.attention_impl,
             name="attn",
             **kw,
         )(windows, window, mask, deterministic=self.deterministic)
@@ -334,7 +343,7 @@ class PatchMerging(nn.Module):
             2 * c,
             use_bias=False,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.truncated_normal(0.02), (None, "embed")
+                nn.initializers.truncated_normal(0.02), (None, sh.EMBED)
             ),
             name="reduction",
             **kw,
@@ -370,18 +379,15 @@ class Swin(nn.Module):
     activation: str = "gelu"
     pad_inputs: bool = True  # False: sizes that need padding raise instead
     head_zero_init: bool = False
-    remat: bool = False  # recompute each block in the backward pass
+    remat_policy: str | None = None  # see common.layers.REMAT_POLICIES; None = no remat
     attention_impl: str | None = None  # see common.attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        for name in ("image_size", "patch_size", "num_channels", "embed_dim", "window_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.num_classes < 0:
-            problems.append(f"num_classes={self.num_classes} must be >= 0")
+        positive = ("image_size", "patch_size", "num_channels", "embed_dim", "window_size")
+        problems = validation.positive_ints(self, *positive)
+        problems += validation.non_negative_ints(self, "num_classes")
         if self.stem_channels:
             if 2 ** len(self.stem_channels) != self.patch_size:
                 problems.append(
@@ -405,17 +411,11 @@ class Swin(nn.Module):
                     problems.append(f"num_heads[{s}]={h} does not divide stage {s} width {dim}")
         if self.mlp_ratio <= 0:
             problems.append(f"mlp_ratio={self.mlp_ratio} must be positive")
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            problems.append(
-                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
-        for name in ("dropout", "attn_dropout", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if problems:
-            raise ValueError("invalid Swin config: " + "; ".join(problems))
+        problems += validation.one_of(self, "activation", sorted(ACTIVATIONS))
+        problems += validation.one_of(self, "attention_impl", IMPLEMENTATIONS)
+        problems += validation.one_of(self, "remat_policy", REMAT_POLICIES)
+        problems += validation.fractions(self, "dropout", "attn_dropout", "drop_path_rate")
+        validation.check(self, problems)
         super().__post_init__()
 
     @property
@@ -439,18 +439,7 @@ class Swin(nn.Module):
 
     def check_images(self, images: Array) -> list[tuple[int, int]]:
         """Raises ``ValueError`` for a bad image batch; returns ``stage_resolutions``."""
-        if images.ndim != 4:
-            raise ValueError(
-                f"images must be [batch, height, width, channels], got shape {images.shape}"
-            )
-        _, height, width, c = images.shape
-        if c != self.num_channels:
-            raise ValueError(
-                f"images have {c} channels, the model expects num_channels={self.num_channels} "
-                f"(images are channels-last: [batch, height, width, channels])"
-            )
-        if height <= 0 or width <= 0:
-            raise ValueError(f"images must have a positive size, got {height}x{width}")
+        height, width = validation.check_images(images.shape, self.num_channels)
         stages = self.stage_resolutions(height, width)
         if not self.pad_inputs:
             problems = []
@@ -496,7 +485,7 @@ class Swin(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
         rates = self.drop_path_rates()
-        block_cls = nn.remat(SwinBlock) if self.remat else SwinBlock
+        block_cls = remat(SwinBlock, self.remat_policy)
         features = []
         k = 0
         for s, depth in enumerate(self.depths):
@@ -517,7 +506,7 @@ class Swin(nn.Module):
                     name=f"stage_{s}_block_{i}",
                     **kw,
                 )(x)
-                x = nn.with_logical_constraint(x, ("batch", None, None, "embed"))
+                x = nn.with_logical_constraint(x, (sh.BATCH, None, None, sh.EMBED))
                 k += 1
             features.append(x)  # [batch, H_s, W_s, dim]
             if s < len(self.depths) - 1:
@@ -532,7 +521,7 @@ class Swin(nn.Module):
                     nn.initializers.zeros
                     if self.head_zero_init
                     else nn.initializers.truncated_normal(0.02),
-                    ("embed", None),
+                    (sh.EMBED, None),
                 ),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                 name="head",

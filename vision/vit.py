@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import presets
+from common import presets, validation
+from common import sharding as sh
 from common.attention import IMPLEMENTATIONS, MultiHeadAttention
-from common.layers import ACTIVATIONS, MLP, dense, layer_norm
+from common.layers import ACTIVATIONS, MLP, REMAT_POLICIES, dense, layer_norm, remat
 
 Array = jax.Array
 POOLS = ("token", "mean")
@@ -128,7 +129,7 @@ class EncoderBlock(nn.Module):
             num_heads=self.num_heads,
             head_dim=d_model // self.num_heads,
             dropout=self.attn_dropout,
-            implementation=self.attention_impl,
+            attention_impl=self.attention_impl,
             kernel_init=nn.initializers.xavier_uniform(),
             out_kernel_init=nn.initializers.xavier_uniform(),
             name="attn",
@@ -174,43 +175,32 @@ class ViT(nn.Module):
     activation: str = "gelu"
     resize_method: str = "bicubic"  # how positions are resized to another resolution
     head_zero_init: bool = True  # zero-initialise the classifier (the paper's fine-tuning)
-    remat: bool = False  # recompute each block in the backward pass
+    remat_policy: str | None = None  # see common.layers.REMAT_POLICIES; None = no remat
     attention_impl: str | None = None  # see common.attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        for name in ("patch_size", "num_channels", "num_layers", "num_heads", "d_model", "d_ff"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.num_classes < 0:
-            problems.append(f"num_classes={self.num_classes} must be >= 0")
-        if self.num_heads > 0 and self.d_model % self.num_heads:
-            problems.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
+        positive = ("patch_size", "num_channels", "num_layers", "num_heads", "d_model", "d_ff")
+        p = validation.positive_ints(self, *positive)
+        p += validation.non_negative_ints(self, "num_classes")
+        p += validation.divides(self, "num_heads", "d_model")
         size = _pair(self.image_size)
-        if self.patch_size > 0 and any(s <= 0 or s % self.patch_size for s in size):
-            problems.append(
+        if validation.is_positive_int(self.patch_size) and any(
+            s <= 0 or s % self.patch_size for s in size
+        ):
+            p.append(
                 f"image_size={self.image_size} is not a positive multiple of "
                 f"patch_size={self.patch_size}"
             )
-        if self.pool not in POOLS:
-            problems.append(f"pool={self.pool!r} is not one of {POOLS}")
-        if self.representation_size is not None and self.representation_size <= 0:
-            problems.append(f"representation_size={self.representation_size} must be positive")
-        if self.activation not in ACTIVATIONS:
-            problems.append(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if self.resize_method not in RESIZE_METHODS:
-            problems.append(f"resize_method={self.resize_method!r} is not one of {RESIZE_METHODS}")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            problems.append(
-                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if problems:
-            raise ValueError("invalid ViT config: " + "; ".join(problems))
+        p += validation.one_of(self, "pool", POOLS)
+        p += validation.optional_positive_ints(self, "representation_size")
+        p += validation.one_of(self, "activation", sorted(ACTIVATIONS))
+        p += validation.one_of(self, "resize_method", RESIZE_METHODS)
+        p += validation.one_of(self, "attention_impl", IMPLEMENTATIONS)
+        p += validation.one_of(self, "remat_policy", REMAT_POLICIES)
+        p += validation.fractions(self, "dropout", "attn_dropout")
+        validation.check(self, p)
         super().__post_init__()
 
     @property
@@ -225,21 +215,7 @@ class ViT(nn.Module):
 
     def check_images(self, images: Array) -> tuple[int, int]:
         """Raises ``ValueError`` for a bad image batch; returns its patch grid."""
-        if images.ndim != 4:
-            raise ValueError(
-                f"images must be [batch, height, width, channels], got shape {images.shape}"
-            )
-        _, h, w, c = images.shape
-        if c != self.num_channels:
-            raise ValueError(
-                f"images have {c} channels, the model expects num_channels={self.num_channels} "
-                f"(images are channels-last: [batch, height, width, channels])"
-            )
-        for side, n in (("height", h), ("width", w)):
-            if n < self.patch_size or n % self.patch_size:
-                raise ValueError(
-                    f"image {side} {n} is not a positive multiple of patch_size={self.patch_size}"
-                )
+        h, w = validation.check_images(images.shape, self.num_channels, self.patch_size)
         return h // self.patch_size, w // self.patch_size
 
     def features(self, images: Array, *, deterministic: bool = True) -> Array:
@@ -259,9 +235,9 @@ class ViT(nn.Module):
             strides=(self.patch_size, self.patch_size),
             padding="VALID",
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (None, None, None, "embed")
+                nn.initializers.lecun_normal(), (None, None, None, sh.EMBED)
             ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
             name="patch_embed",
             **kw,
         )(images.astype(self.dtype))  # [batch, h/P, w/P, d_model]
@@ -272,7 +248,7 @@ class ViT(nn.Module):
         if prefix:
             cls = self.param(
                 "cls",
-                nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, None, sh.EMBED)),
                 (1, 1, d),
                 self.param_dtype,
             )
@@ -280,7 +256,7 @@ class ViT(nn.Module):
         table_grid = self.grid_size
         pos = self.param(
             "pos_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, sh.EMBED)),
             (1, prefix + table_grid[0] * table_grid[1], d),
             self.param_dtype,
         )
@@ -291,9 +267,9 @@ class ViT(nn.Module):
             pos = jnp.concatenate([pos[:, :prefix], resized.reshape(1, -1, d)], axis=1)
         x = x + pos.astype(self.dtype)  # [batch, tokens, d_model]
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
 
-        block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        block_cls = remat(EncoderBlock, self.remat_policy)
         for i in range(self.num_layers):
             x = block_cls(
                 num_heads=self.num_heads,
@@ -307,7 +283,7 @@ class ViT(nn.Module):
                 name=f"block_{i}",
                 **kw,
             )(x)
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            x = nn.with_logical_constraint(x, sh.ACTIVATIONS)
         tokens = layer_norm("norm", eps=self.layer_norm_eps, **kw)(x)  # [batch, tokens, d]
 
         if self.pool == "token":
@@ -315,7 +291,7 @@ class ViT(nn.Module):
         else:
             pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.dtype)
         if self.representation_size is not None:
-            pooled = dense(self.representation_size, ("embed", "mlp"), name="pre_logits", **kw)(
+            pooled = dense(self.representation_size, (sh.EMBED, sh.MLP), name="pre_logits", **kw)(
                 pooled
             )
             pooled = jnp.tanh(pooled)  # [batch, representation_size]
@@ -324,7 +300,7 @@ class ViT(nn.Module):
             head_init = (
                 nn.initializers.zeros if self.head_zero_init else nn.initializers.normal(0.02)
             )
-            in_axis = "mlp" if self.representation_size is not None else "embed"
+            in_axis = sh.MLP if self.representation_size is not None else sh.EMBED
             out = dense(
                 self.num_classes, (in_axis, None), name="head", kernel_init=head_init, **kw
             )(pooled)

@@ -165,6 +165,7 @@ def test_causal_chunks_equal_definition(n, masking):
         np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_causal_chunks_gradients_equal_xla():
     q, k, v = _qkv(n=96, d=8)
     cot = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
@@ -180,6 +181,7 @@ def test_causal_chunks_gradients_equal_xla():
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_causal_chunks_skip_the_keys_they_cannot_see(monkeypatch):
     """n = 256 runs as 4 query chunks of 64 against 64, 128, 192 and 256 keys; short
     sequences, explicit implementations and cross-attention keep the single call."""

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from common import sharding
+from common import sharding as sh
 from common.checkpoint import Checkpointer, ConfigMismatchError
 
 
 def make_state(mesh):
     x = jnp.arange(64, dtype=jnp.float32).reshape(8, 8)
-    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sh.DATA, None))
     return {
         "w": jax.device_put(x, spec),
         "step": jax.device_put(jnp.int32(3), sharding.replicated(mesh)),

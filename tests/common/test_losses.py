@@ -30,6 +30,7 @@ def _composed(x, w, targets, weights):
     return cross_entropy(logits, targets, weights)
 
 
+@pytest.mark.slow
 def test_projected_cross_entropy_equals_the_composition():
     args = _inputs()
     total, count, nll = projected_cross_entropy(*args)

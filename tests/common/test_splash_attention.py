@@ -38,6 +38,7 @@ def _loss(fn):
     ],
     ids=["fixed-merged", "strided-merged-padded", "strided-multihead", "fixed-B-empty-rows"],
 )
+@pytest.mark.slow
 def test_kernel_matches_masked_dense(n, mask):
     m = np.asarray(mask(n))
     q, k, v = _qkv(n)

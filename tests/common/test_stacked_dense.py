@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import sharding as sh
 from common.layers import StackedDense
 
 
 @pytest.mark.parametrize("init", [nn.initializers.xavier_uniform(), nn.initializers.normal(0.02)])
 def test_stacked_dense_equals_dense_general(init):
-    axes = ("embed", None, "heads", "kv")
+    axes = (sh.EMBED, None, sh.HEADS, sh.KV)
     kernel_init = nn.with_logical_partitioning(init, axes)
     bias_init = nn.initializers.normal(1.0)
     fused = nn.DenseGeneral((3, 4, 8), kernel_init=kernel_init, bias_init=bias_init)

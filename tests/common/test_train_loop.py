@@ -74,6 +74,7 @@ def run(workdir, steps, poison_at=-1, ema_decay=0.0, evaluate=None, poison_grads
     )
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(
         training.NonFiniteLossError,
@@ -89,6 +90,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert int(result.state.step) == 10
 
 
+@pytest.mark.slow
 def test_non_finite_parameters_under_a_finite_loss_are_never_saved(tmp_path):
     with pytest.raises(
         training.NonFiniteLossError,
@@ -100,6 +102,7 @@ def test_non_finite_parameters_under_a_finite_loss_are_never_saved(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_parameter_ema_resumes_exactly_and_is_what_evaluation_sees(tmp_path):
     seen = {}
 

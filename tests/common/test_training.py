@@ -70,7 +70,7 @@ def test_sharded_step_equals_single_device(data, fsdp):
     assert_same_params(s1.params, s8.params)
     if fsdp > 1:  # params really are sharded along `embed`
         kernel = s8.params["h_0"]["mlp"]["fc"]["kernel"]
-        assert kernel.sharding.spec[0] == "fsdp"
+        assert kernel.sharding.spec[0] == sharding.FSDP
         assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // fsdp
 
 

@@ -25,6 +25,7 @@ from vision import clip
 ACCURACY_BOUND = 0.40
 
 
+@pytest.mark.slow
 def test_smoke_run_beats_chance_with_unseen_templates(tfds_dir, tmp_path, capsys):
     config = exp.get_config("smoke")
     config.data.data_dir = tfds_dir

@@ -46,6 +46,7 @@ def unigram_bits_per_byte(train: np.ndarray, test: np.ndarray) -> float:
     return float(-np.log2(p[test[1:]]).mean())
 
 
+@pytest.mark.slow
 def test_short_run_learns_on_real_bytes(tmp_path, tfds_dir):
     summary = enwik_sparse.main(make_config(tfds_dir), str(tmp_path))
     train = wikipedia.load_bytes("train", tfds_dir)

@@ -34,6 +34,7 @@ def smoke_config(tfds_dir, **overrides):
     return config
 
 
+@pytest.mark.slow
 def test_short_swin_run_learns_and_resumes(tmp_path, tfds_dir):
     summary = fm.main(smoke_config(tfds_dir), str(tmp_path))
     assert summary["test_accuracy"] > SMOKE_BOUND, summary
@@ -88,6 +89,7 @@ def test_augment_is_a_crop_of_the_padded_image_and_a_flip():
         assert any(np.allclose(o, w) for w in windows)
 
 
+@pytest.mark.slow
 def test_random_erase_replaces_one_rectangle_of_the_stated_area_in_the_stated_share():
     h, w, prob = 28, 28, 0.5
     x = jnp.full((2000, h, w, 1), 7.0, jnp.float32)  # no fill value (pixels in [0, 1]) is 7
@@ -107,6 +109,7 @@ def test_random_erase_replaces_one_rectangle_of_the_stated_area_in_the_stated_sh
     np.testing.assert_array_equal(augment.augment(x, jax.random.key(3), erase_prob=0.0), x)
 
 
+@pytest.mark.slow
 def test_normalized_training_pixels_have_zero_mean_unit_std(tfds_dir):
     images, _ = fashion_mnist.load_arrays("train[:20000]", tfds_dir)
     x = np.asarray(fashion_mnist.normalize(jnp.asarray(images)))
@@ -180,6 +183,7 @@ def smoke_predictors(seed: int, **tta):
     return params, images, plain, fm.make_predictor(model, mesh, 16, **tta)
 
 
+@pytest.mark.slow
 def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
     params, images, plain, tta = smoke_predictors(0, flip_tta=True)
     p = jax.nn.softmax(plain(params, images), -1)
@@ -200,6 +204,7 @@ def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 def test_shift_tta_averages_the_probabilities_of_every_shifted_and_mirrored_view():
     params, images, plain, tta = smoke_predictors(1, flip_tta=True, shift_tta=1)
     views = augment.tta_views(True, 1)

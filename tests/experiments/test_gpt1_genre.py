@@ -7,6 +7,8 @@ Learning the genre itself takes far more than a test's budget (see the experimen
 import json
 import math
 
+import pytest
+
 from experiments import gpt1_genre
 
 SMALL = {
@@ -43,7 +45,8 @@ def make_config(tfds_dir):
     return config
 
 
-def test_short_run_learns_lm_and_genre(tmp_path, tfds_dir):
+@pytest.mark.slow
+def test_short_run_learns_lm_then_scores_every_genre_passage(tmp_path, tfds_dir):
     summary = gpt1_genre.main(make_config(tfds_dir), str(tmp_path))
     print("SUMMARY", summary)
     records = [json.loads(line) for line in open(tmp_path / "pretrain" / "metrics.jsonl")]

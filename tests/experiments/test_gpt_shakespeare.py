@@ -81,6 +81,7 @@ def unigram_bits_per_char(tok, train_text, test_text):
     return -np.log(p[test[1:]]).sum() / np.log(2) / len(tok.decode(test[1:].tolist()))
 
 
+@pytest.mark.slow
 def test_short_run_learns_on_real_plays(tmp_path, tfds_dir):
     config = make_config(tfds_dir, **{"train.steps": 120})
     summary = gpt_shakespeare.main(config, str(tmp_path))
@@ -98,6 +99,7 @@ def test_short_run_learns_on_real_plays(tmp_path, tfds_dir):
     assert (tmp_path / "samples.txt").read_text().startswith("ROMEO:")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_params(tmp_path, tfds_dir):
     steps = 60
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -127,6 +129,7 @@ def test_killed_run_resumes_to_the_same_params(tmp_path, tfds_dir):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_unknown_config_key_fails_loudly(tmp_path, tfds_dir):
     out = subprocess.run(
         cli(tmp_path, tfds_dir, 5, ["--config.model.n_layers=3"]),
@@ -230,6 +233,7 @@ def test_results_are_written_before_sampling(tmp_path, tfds_dir, monkeypatch, sm
     assert summary["steps"] == 10 and summary["bits_per_char"] > 0
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused(tmp_path, tfds_dir):
     gpt_shakespeare.main(make_config(tfds_dir, **{"train.steps": 10}), str(tmp_path))
     other = make_config(tfds_dir, **{"train.steps": 20, "model.d_model": 32})

@@ -65,6 +65,7 @@ def unigram_nll(tok, train_pairs, eval_pairs, max_len):
     return float(-np.log(p[ids]).mean())
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_reports_bleu(tmp_path, tfds_dir, capsys):
     config = make_config(tfds_dir)
     summary = tb.main(config, str(tmp_path))

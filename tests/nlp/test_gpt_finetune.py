@@ -54,6 +54,7 @@ def classifier(request):
     return clf, nn.unbox(params)["params"]
 
 
+@pytest.mark.slow
 def test_head_reads_the_final_state_at_extract(classifier):
     """With W_y = the first 3 rows of the (tied) output embedding and no bias, the class
     logits must equal the LM logits at <extract>: only the final state gives that."""
@@ -80,6 +81,7 @@ def test_padding_after_extract_is_invisible(classifier):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_task_tokens_extend_a_pretrained_model_unchanged():
     model = gpt.from_preset("gpt1-tiny", vocab_size=100)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -95,6 +97,7 @@ def test_task_tokens_extend_a_pretrained_model_unchanged():
     np.testing.assert_allclose(new[..., :100], old, atol=1e-5)  # text tokens: same model
 
 
+@pytest.mark.slow
 def test_loss_is_task_plus_lambda_lm(classifier):
     clf, params = classifier
     rng = np.random.default_rng(1)
@@ -177,6 +180,7 @@ def test_classifier_applies_head_dropout_only_in_training(classifier):
         clf_d.apply(params, tokens, extract, deterministic=False)
 
 
+@pytest.mark.slow
 def test_classifier_learns_a_planted_keyword():
     """Eq. 5 end to end from scratch: texts hold one keyword (10, 11 or 12) anywhere and the
     <extract> head must name it (measured: accuracy 1.0 by step 100)."""

@@ -78,6 +78,7 @@ def _max_diff(model, params, hf, shape, seed=0):
     return float(np.abs(ours - ref).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gpt2_logits_match_hf(gpt2, shape):
     model = GPT(**gpt_config_from_hf(gpt2.config))
@@ -119,6 +120,7 @@ def test_gpt2_model_without_prefix_or_head(gpt2):
         np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_gpt2_from_safetensors_file(gpt2, tmp_path):
     path = tmp_path / "model.safetensors"
     # Tied tensors cannot be saved twice; drop the head as save_pretrained does.

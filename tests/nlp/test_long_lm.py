@@ -28,6 +28,7 @@ def _model_and_params(pattern):
     return model, jax.jit(model.init)(jax.random.key(0), _tokens())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["LMLML", "DDDDD", "MM"])
 def test_causality(pattern):
     """Changing token t changes no logit before t, and does change logits from t on."""
@@ -41,6 +42,7 @@ def test_causality(pattern):
         assert float(jnp.abs(a[:, t:] - b[:, t:]).max()) > 1e-4
 
 
+@pytest.mark.slow
 def test_local_layers_see_only_their_block():
     """With only L layers (blocks of 8), a token changes nothing outside its own block."""
     model, params = _model_and_params("LL")
@@ -100,6 +102,7 @@ def test_loss_ignores_the_input_part():
     assert float(loss_fn(params["params"], out_target, rng)[0]) != base
 
 
+@pytest.mark.slow
 def test_greedy_decode_equals_argmax_of_the_full_forward():
     model, params = _model_and_params("LMLML")
     prompts = [[5, 6, 7, DELIM], [9, DELIM]]

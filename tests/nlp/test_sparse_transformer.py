@@ -39,6 +39,7 @@ def _model_and_params(kind, mode, **overrides):
     return model, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,mode", KINDS)
 def test_causality(kind, mode):
     """Changing token t changes no logit before t, and does change logits from t on."""
@@ -71,6 +72,7 @@ def _loss_and_grads(model, params, tokens):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
 def test_remat_gives_the_same_loss_and_grads(policy):
     base, params = _model_and_params("fixed", "interleaved")

@@ -15,6 +15,7 @@ import pytest
 from flax import traverse_util
 
 from common.losses import cross_entropy
+from common.training import param_count
 from nlp import transformer as tr
 
 BOS, PAD = 1, 0
@@ -71,7 +72,7 @@ def test_preset_sizes_match_the_paper_and_torch(name):
     shared embedding once, no positional parameters (sinusoids). The paper does not say how
     it counted; base comes out 3% under 65M, big 0.6% over 213M."""
     model = tr.from_preset(name)
-    ours = tr.param_count(model)
+    ours = param_count(tr.abstract_params(model))
     assert abs(ours - PAPER[name]) / PAPER[name] < 0.035, (name, ours)
     torch = pytest.importorskip("torch")
     ref = torch.nn.Transformer(
@@ -89,8 +90,8 @@ def test_preset_sizes_match_the_paper_and_torch(name):
 
 
 def test_separate_source_vocabulary_adds_a_table():
-    shared = tr.param_count(tr.from_preset("transformer-tiny"))
-    split = tr.param_count(tr.from_preset("transformer-tiny", src_vocab_size=50))
+    shared = param_count(tr.abstract_params(tr.from_preset("transformer-tiny")))
+    split = param_count(tr.abstract_params(tr.from_preset("transformer-tiny", src_vocab_size=50)))
     assert split - shared == 50 * 32
 
 
@@ -245,7 +246,11 @@ def test_label_smoothing_equals_naive_loop():
     assert abs(float((ref.numpy() * weights.reshape(-1)).sum()) - want) < 1e-4 * abs(want)
 
 
+@pytest.mark.slow
 def test_translation_loss_trains_with_dropout():
+    """The training loss (dropout on, label smoothing) starts near log(vocab) and a few
+    Adam steps on its gradients take the batch's NLL well below that start."""
+    optax = pytest.importorskip("optax")
     model = tr.from_preset("transformer-tiny", num_encoder_layers=1, num_decoder_layers=1)
     batch = {
         "src": jax.random.randint(jax.random.key(0), (2, 6), 3, 96),
@@ -261,6 +266,15 @@ def test_translation_loss_trains_with_dropout():
     # Near-uniform predictions at init: both losses are close to log(vocab).
     assert abs(float(aux["nll"]) - math.log(96)) < 1.5 and float(loss) > 0
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+    for i in range(20):  # a fresh dropout mask every step, as in training
+        _, grads = grad_fn(params, batch, jax.random.key(10 + i))
+        updates, opt = tx.update(grads, opt)
+        params = optax.apply_updates(params, updates)
+    (_, end), _ = grad_fn(params, batch, jax.random.key(99))
+    # Measured: 4.60 -> 0.84 nats (the batch's 8 target tokens are memorised).
+    assert float(end["nll"]) < float(aux["nll"]) - 1.0
 
 
 def test_translation_loss_equals_cross_entropy_of_the_logits():

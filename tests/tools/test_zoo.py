@@ -12,6 +12,7 @@ from vision.sam import model as sam
 MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip, sam)
 
 
+@pytest.mark.slow
 def test_zoo_lists_every_preset_once():
     listed = list(zoo.presets())
     rows = dict(listed)

@@ -41,51 +41,31 @@ HF_VISION = dict(
     hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     image_size=32, patch_size=8,
 )  # fmt: skip
+LOGIT_SCALE = {"logit_scale": ("fill", math.log(20.0))}
 
 
-def _hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    return torch, transformers
-
-
-def _randomize(model, seed: int):
-    """Every parameter drawn with a larger spread than HF's init (norm scales around 1)."""
-    torch, _ = _hf()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name == "logit_scale":
-                p.fill_(math.log(20.0))
-            elif ("norm" in name or "layrnorm" in name) and name.endswith(".weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return model.eval()
-
-
-def _hf_clip(eos_token_id: int, seed: int):
-    torch, transformers = _hf()
+def _hf_clip(hf, randomize_torch, eos_token_id: int, seed: int):
+    torch, transformers = hf
     cfg = transformers.CLIPConfig(
         text_config=dict(**HF_TEXT, eos_token_id=eos_token_id, bos_token_id=0, pad_token_id=1),
         vision_config=HF_VISION,
         projection_dim=24,
     )
     torch.manual_seed(0)
-    return _randomize(transformers.CLIPModel(cfg), seed)
+    # every parameter drawn wider than HF's init; temperature exp(logit_scale) = 20
+    return randomize_torch(transformers.CLIPModel(cfg), seed, 0.3, LOGIT_SCALE)
 
 
 @pytest.fixture(scope="module")
-def hf_eos():
+def hf_eos(hf, randomize_torch):
     """HF's current rule: pool at the first ``eos_token_id``."""
-    return _hf_clip(eos_token_id=VOCAB - 1, seed=1)
+    return _hf_clip(hf, randomize_torch, eos_token_id=VOCAB - 1, seed=1)
 
 
 @pytest.fixture(scope="module")
-def hf_argmax():
+def hf_argmax(hf, randomize_torch):
     """HF's legacy rule (``eos_token_id == 2``): pool at the largest id (OpenAI's code)."""
-    return _hf_clip(eos_token_id=2, seed=2)
+    return _hf_clip(hf, randomize_torch, eos_token_id=2, seed=2)
 
 
 def _tokens(batch: int, length: int, rule: str, seed: int) -> np.ndarray:
@@ -101,35 +81,34 @@ def _tokens(batch: int, length: int, rule: str, seed: int) -> np.ndarray:
     return tokens.astype(np.int64)
 
 
-def _nhwc(x):
-    return jnp.asarray(x.transpose(0, 2, 3, 1))
-
-
 # (32 x 32, 16 tokens) is the tables' size; (48 x 40, 9 tokens) resizes the 4 x 4 position
 # grid to 6 x 5 (bicubic, HF's interpolate_pos_encoding=True) and uses a shorter text.
 @pytest.mark.parametrize(
     "rule,size,length,n_img,n_txt", [("eos", (32, 32), 16, 3, 4), ("argmax", (48, 40), 9, 4, 4)]
 )
-def test_embeddings_and_logits_match_hf(hf_eos, hf_argmax, rule, size, length, n_img, n_txt):
-    torch, _ = _hf()
-    hf = hf_eos if rule == "eos" else hf_argmax
-    cfg = clip_config_from_hf(hf.config)
+@pytest.mark.slow
+def test_embeddings_and_logits_match_hf(
+    hf_eos, hf_argmax, rule, size, length, n_img, n_txt, hf, to_nhwc
+):
+    torch, _ = hf
+    reference = hf_eos if rule == "eos" else hf_argmax
+    cfg = clip_config_from_hf(reference.config)
     assert cfg["eos_token_id"] == (VOCAB - 1 if rule == "eos" else None)
     model = clip.CLIP(**cfg)
-    params = clip_params_from_torch(hf.state_dict(), model)
+    params = clip_params_from_torch(reference.state_dict(), model)
     images = np.random.default_rng(0).normal(size=(n_img, 3, *size)).astype(np.float32)
     tokens = _tokens(n_txt, length, rule, seed=1)
     with torch.no_grad():
-        ref = hf(
+        ref = reference(
             input_ids=torch.from_numpy(tokens),
             pixel_values=torch.from_numpy(images),
             interpolate_pos_encoding=size != (32, 32),
             return_loss=n_img == n_txt,
         )
-        ref_img = hf.get_image_features(
+        ref_img = reference.get_image_features(
             pixel_values=torch.from_numpy(images), interpolate_pos_encoding=size != (32, 32)
         ).pooler_output
-        ref_txt = hf.get_text_features(input_ids=torch.from_numpy(tokens)).pooler_output
+        ref_txt = reference.get_text_features(input_ids=torch.from_numpy(tokens)).pooler_output
 
     def run(p, im, tk):  # one compilation for the forward pass and both encoders
         enc = clip.CLIP
@@ -139,7 +118,7 @@ def test_embeddings_and_logits_match_hf(hf_eos, hf_argmax, rule, size, length, n
             model.apply(p, tk, method=enc.encode_text),
         )
 
-    out, img, txt = jax.jit(run)(params, _nhwc(images), jnp.asarray(tokens, jnp.int32))
+    out, img, txt = jax.jit(run)(params, to_nhwc(images), jnp.asarray(tokens, jnp.int32))
     diff = lambda a, b: float(np.abs(np.asarray(a) - b.numpy()).max())
     assert out["logits_per_image"].shape == (n_img, n_txt)
     assert diff(out["image_embeds"], ref.image_embeds) <= TOL
@@ -151,8 +130,8 @@ def test_embeddings_and_logits_match_hf(hf_eos, hf_argmax, rule, size, length, n
         assert abs(float(clip.contrastive_loss(out["logits_per_image"])) - float(ref.loss)) <= TOL
 
 
-def test_converter_errors_name_the_key(hf_eos):
-    torch, transformers = _hf()
+def test_converter_errors_name_the_key(hf_eos, hf):
+    torch, transformers = hf
     model = clip.CLIP(**clip_config_from_hf(hf_eos.config))
     sd = dict(hf_eos.state_dict())
     sd["text_model.encoder.layers.1.mlp.fc1.weight"] = torch.zeros(63, 32)
@@ -208,6 +187,7 @@ def tiny():
     return model, params, x, t, jax.jit(model.apply)
 
 
+@pytest.mark.slow
 def test_sharded_loss_and_grads_equal_single_device(tiny):
     """Batch of 16 split over 8 devices on the data axis: the loss contrasts all 16 x 16
     pairs (not 8 local 2 x 2 blocks), and loss and grads equal the one-device values."""
@@ -222,7 +202,7 @@ def test_sharded_loss_and_grads_equal_single_device(tiny):
     loss_1, grads_1 = jax.jit(grad_fn)(*jax.device_put((params, x, t), one))
 
     mesh = sharding.make_mesh(data=8, fsdp=1)
-    batch = NamedSharding(mesh, PartitionSpec("data"))
+    batch = NamedSharding(mesh, PartitionSpec(sharding.DATA))
     rep = sharding.replicated(mesh)
     xs, ts = jax.device_put(x, batch), jax.device_put(t, batch)
     assert len(xs.addressable_shards) == 8 and xs.addressable_shards[0].data.shape[0] == 2
@@ -270,6 +250,7 @@ def test_temperature_gradient_is_live_below_and_at_the_cap(tiny):
     np.testing.assert_allclose(out["logits_per_image"], scale * cos, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_clamp_logit_scale_keeps_the_parameter_in_range_after_a_step(tiny):
     """AdamW (lr 0.1) then ``clamp_logit_scale``: a step that would take the parameter past
     log(100) or below 0 stops at the bound; from the cap a gradient that asks for a lower
@@ -376,14 +357,14 @@ def _count(model):
 
 
 @pytest.mark.parametrize("name", sorted(HF_PRESETS))
-def test_preset_counts_and_configs_equal_hf(name):
-    torch, transformers = _hf()
+def test_preset_counts_and_configs_equal_hf(name, hf):
+    torch, transformers = hf
     with torch.device("meta"):
-        hf = transformers.CLIPModel(transformers.CLIPConfig(**HF_PRESETS[name]))
-    expected = sum(p.numel() for p in hf.parameters())
+        ref = transformers.CLIPModel(transformers.CLIPConfig(**HF_PRESETS[name]))
+    expected = sum(p.numel() for p in ref.parameters())
     model = clip.from_preset(name)
     assert _count(model) == expected
-    derived = clip_config_from_hf(hf.config)
+    derived = clip_config_from_hf(ref.config)
     assert derived.pop("logit_scale_init") == pytest.approx(model.logit_scale_init, abs=1e-4)
     assert {k: getattr(model, k) for k in derived} == derived
     if name == "clip-vit-b/32":
@@ -393,6 +374,7 @@ def test_preset_counts_and_configs_equal_hf(name):
 # --------------------------------------------------------------------------- behaviour
 
 
+@pytest.mark.slow
 def test_dtypes_are_honoured(tiny):
     model, params, x, t, fwd = tiny
     ref = fwd(params, x, t)

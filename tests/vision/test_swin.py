@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from common import convert  # noqa: E402
+from common import sharding as sh  # noqa: E402
 from common.flops import compiled_flops  # noqa: E402
 from common.layers import MLP  # noqa: E402
 from vision import swin  # noqa: E402
@@ -39,35 +40,14 @@ HF_TINY = dict(
 SIZES = [(96, 96), (98, 74)]
 
 
-def _hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    return torch, transformers
-
-
-def _randomize(model, seed: int):
-    torch, _ = _hf()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith(".weight"):
-                p.copy_(1.0 + 0.2 * noise)  # LayerNorm scales around 1
-            elif "relative_position_bias_table" in name:
-                p.copy_(noise)  # large enough that a wrong index is obvious
-            elif p.ndim == 1:
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(0.2 * noise)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def hf_swin():
-    torch, transformers = _hf()
+def hf_swin(hf, randomize_torch):
+    torch, transformers = hf
     torch.manual_seed(0)
     cfg = transformers.SwinConfig(**HF_TINY, num_labels=7)
-    return _randomize(transformers.SwinForImageClassification(cfg), seed=1)
+    return randomize_torch(
+        transformers.SwinForImageClassification(cfg), 1, 0.2, {"relative_position_bias_table": 1.0}
+    )
 
 
 def _random_params(init, *args, seed=0):
@@ -87,20 +67,13 @@ def _random_params(init, *args, seed=0):
     return {"params": convert.unflatten(out)}
 
 
-def _images(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)  # NCHW
-
-
-def _nhwc(x):
-    return jnp.asarray(x.transpose(0, 2, 3, 1))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES)
-def test_logits_and_stage_features_match_hf(hf_swin, size):
-    torch, _ = _hf()
+def test_logits_and_stage_features_match_hf(hf_swin, size, hf, nchw_images, to_nhwc):
+    torch, _ = hf
     model = swin.Swin(**swin_config_from_hf(hf_swin.config))
     params = swin_params_from_torch(hf_swin.state_dict(), model)
-    x = _images((2, 3, *size))
+    x = nchw_images((2, 3, *size))
     # HF's SwinLayer keeps the window/shift it clamped for small maps across calls: a fresh
     # copy per input size keeps the reference stateless.
     with torch.no_grad():
@@ -110,7 +83,7 @@ def test_logits_and_stage_features_match_hf(hf_swin, size):
             output_hidden_states_before_downsampling=True,
         )
     logits, feats = jax.jit(lambda p, im: model.apply(p, im, return_features=True))(
-        params, _nhwc(x)
+        params, to_nhwc(x)
     )
     assert logits.shape == (2, 7)
     assert float(jnp.abs(logits - ref.logits.numpy()).max()) <= TOL
@@ -141,10 +114,10 @@ def _to_legacy_keys(state_dict):
     return out
 
 
-def test_headless_swin_model_in_hub_key_layout(hf_swin):
+def test_headless_swin_model_in_hub_key_layout(hf_swin, hf):
     """A ``SwinModel`` state dict in the hub layout (with a stored relative_position_index
     buffer) converts to the same params as the transformers-5 layout, minus the head."""
-    torch, transformers = _hf()
+    torch, transformers = hf
     model = swin.Swin(**swin_config_from_hf(hf_swin.config))
     full = convert.flatten(swin_params_from_torch(hf_swin.state_dict(), model)["params"])
     sd = _to_legacy_keys(dict(hf_swin.swin.state_dict()))
@@ -163,8 +136,8 @@ def test_headless_swin_model_in_hub_key_layout(hf_swin):
         swin_params_from_torch(sd, headless)
 
 
-def test_converter_errors_name_the_key(hf_swin):
-    torch, transformers = _hf()
+def test_converter_errors_name_the_key(hf_swin, hf):
+    torch, transformers = hf
     model = swin.Swin(**swin_config_from_hf(hf_swin.config))
     sd = dict(hf_swin.state_dict())
     key = "swin.encoder.layers.1.blocks.0.attention.relative_position_bias."
@@ -221,8 +194,8 @@ def test_shifted_window_mask_equals_definition(height, width, window, shift):
     assert not mask[-1].all()
 
 
-def test_shifted_window_mask_equals_hf():
-    torch, transformers = _hf()
+def test_shifted_window_mask_equals_hf(hf):
+    torch, transformers = hf
     from transformers.models.swin.modeling_swin import SwinLayer
 
     cfg = transformers.SwinConfig(window_size=4)
@@ -293,8 +266,8 @@ def test_window_attention_block_equals_dense_definition(size, shifted):
     np.testing.assert_allclose(got, jax.jit(naive)(params, x), atol=2e-5, rtol=1e-5)
 
 
-def test_relative_position_index_equals_hf():
-    torch, _ = _hf()
+def test_relative_position_index_equals_hf(hf):
+    torch, _ = hf
     from transformers.models.swin.modeling_swin import SwinRelativePositionBias
 
     for m in (2, 3, 7):
@@ -361,24 +334,25 @@ def _count(model):
 
 @pytest.mark.parametrize("name", sorted(HF_PRESETS))
 @pytest.mark.parametrize("res", [224, 384])
-def test_preset_counts_equal_hf_and_paper(name, res):
-    torch, transformers = _hf()
+def test_preset_counts_equal_hf_and_paper(name, res, hf):
+    torch, transformers = hf
     preset = name if res == 224 else f"{name}-384"
     extra = dict(image_size=384, window_size=12) if res == 384 else {}
     with torch.device("meta"):
-        hf = transformers.SwinForImageClassification(
+        ref = transformers.SwinForImageClassification(
             transformers.SwinConfig(num_labels=1000, **HF_PRESETS[name], **extra)
         )
-    expected = sum(p.numel() for p in hf.parameters())
+    expected = sum(p.numel() for p in ref.parameters())
     model = swin.from_preset(preset)
     assert _count(model) == expected
     assert round(expected / 1e6) == PAPER[name]  # 28.29M, 49.61M, 87.77M, 196.53M
-    derived = swin_config_from_hf(hf.config)
+    derived = swin_config_from_hf(ref.config)
     for field in ("drop_path_rate",):  # a training choice; HF's default is 0.1
         derived.pop(field)
     assert {k: getattr(model, k) for k in derived} == derived
 
 
+@pytest.mark.slow
 def test_swin_t_flops_at_224():
     """XLA's count for one 224 x 224 image: 9.42e9 FLOPs = 4.71 G multiply-adds; the paper's
     4.5 G counts matmuls only (XLA adds softmax, norms, GELU, bias and mask arithmetic)."""
@@ -425,6 +399,7 @@ def small():
     return model, params, x, jax.jit(model.apply)(params, x)
 
 
+@pytest.mark.slow
 def test_stochastic_depth_and_dropout(small):
     model, params, x, det = small
     rates = swin.from_preset("swin-toy", drop_path_rate=0.5).drop_path_rates()
@@ -438,6 +413,7 @@ def test_stochastic_depth_and_dropout(small):
     np.testing.assert_array_equal(a, train(params, x, jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(small):
     model, params, x, ref = small
     bf16 = swin.from_preset("swin-toy", **SMALL, dtype=jnp.bfloat16)
@@ -463,6 +439,7 @@ def test_bfloat16_compute_keeps_float32_params(small):
     assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(shapes))} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(small):
     """Params sharded by their logical axes (``embed`` over ``fsdp``) and the batch over a
     4 x 2 (data, fsdp) mesh of simulated devices: same logits."""
@@ -474,7 +451,7 @@ def test_sharded_forward_equals_single_device(small):
     mesh = sharding.make_mesh(4, 2)
     boxed = jax.eval_shape(model.init, jax.random.key(0), x)
     placed = jax.device_put(params, sharding.logical_shardings(boxed, mesh))
-    assert placed["params"]["stage_1_block_0"]["mlp"]["fc"]["kernel"].sharding.spec[0] == "fsdp"
+    assert placed["params"]["stage_1_block_0"]["mlp"]["fc"]["kernel"].sharding.spec[0] == sh.FSDP
     y8 = jax.jit(model.apply)(placed, sharding.put_batch(x, mesh))
     assert len(y8.sharding.device_set) == 8
     np.testing.assert_allclose(y8, y1, atol=1e-5, rtol=1e-5)
@@ -532,6 +509,7 @@ def test_merge_patches_is_inverted_by_depth_to_space():
     np.testing.assert_array_equal(swin.window_partition(jnp.asarray(merged), m), per_window)
 
 
+@pytest.mark.slow
 def test_convolutional_stem_equals_naive_convs():
     """``stem_channels``: log2(patch) 3x3 stride-2 convs (XLA's "SAME": for even sides no
     padding before, one row and column after), LayerNorm, GELU, then a 1x1 conv to C. The

@@ -36,59 +36,32 @@ HF_TINY = dict(
 )
 
 
-def _hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    return torch, transformers
-
-
-def _randomize(model, seed: int):
-    torch, _ = _hf()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "layernorm" in name and name.endswith(".weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def hf_cls():
-    torch, transformers = _hf()
+def hf_cls(hf, randomize_torch):
+    torch, transformers = hf
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(**HF_TINY, num_labels=7)
-    return _randomize(transformers.ViTForImageClassification(cfg), seed=1)
+    return randomize_torch(transformers.ViTForImageClassification(cfg), 1, 0.3)
 
 
 @pytest.fixture(scope="module")
-def hf_base():
-    torch, transformers = _hf()
+def hf_base(hf, randomize_torch):
+    torch, transformers = hf
     torch.manual_seed(0)
-    return _randomize(transformers.ViTModel(transformers.ViTConfig(**HF_TINY)), seed=2)
-
-
-def _images(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)  # NCHW
-
-
-def _nhwc(x):
-    return jnp.asarray(x.transpose(0, 2, 3, 1))
+    return randomize_torch(transformers.ViTModel(transformers.ViTConfig(**HF_TINY)), 2, 0.3)
 
 
 # (32, 32) is the table's resolution; (48, 40) resizes the 4 x 4 grid to 6 x 5 (bicubic),
 # which HF does with interpolate_pos_encoding=True.
 @pytest.mark.parametrize("size", [(32, 32), (48, 40)])
-def test_logits_match_hf(hf_cls, size):
-    torch, _ = _hf()
+def test_logits_match_hf(hf_cls, size, hf, nchw_images, to_nhwc):
+    torch, _ = hf
     model = vit.ViT(**vit_config_from_hf(hf_cls.config))
     params = vit_params_from_torch(hf_cls.state_dict(), model)
-    x = _images((2, 3, *size))
+    x = nchw_images((2, 3, *size))
     with torch.no_grad():
         ref = hf_cls(torch.from_numpy(x), interpolate_pos_encoding=size != (32, 32)).logits
-    ours = model.apply(params, _nhwc(x))
+    ours = model.apply(params, to_nhwc(x))
     assert ours.shape == (2, 7)
     assert float(jnp.abs(ours - ref.numpy()).max()) <= TOL
 
@@ -112,33 +85,33 @@ def _to_legacy_keys(state_dict):
     return out
 
 
-def test_vit_model_tokens_and_pooler_match_hf_in_hub_key_layout(hf_base):
+def test_vit_model_tokens_and_pooler_match_hf_in_hub_key_layout(hf_base, hf, nchw_images, to_nhwc):
     """A ``ViTModel`` (hub key layout, with its tanh pooler as ``representation_size``):
     final-normed tokens and pooler output equal HF's."""
-    torch, _ = _hf()
+    torch, _ = hf
     sd = _to_legacy_keys(dict(hf_base.state_dict()))
     assert "encoder.layer.1.attention.attention.query.weight" in sd
     model = vit.ViT(**vit_config_from_hf(hf_base.config, with_head=False, with_pooler=True))
     params = vit_params_from_torch(sd, model)
-    x = _images((2, 3, 32, 32), seed=1)
+    x = nchw_images((2, 3, 32, 32), seed=1)
     with torch.no_grad():
         ref = hf_base(torch.from_numpy(x))
-    pooled, tokens = model.apply(params, _nhwc(x), return_tokens=True)
+    pooled, tokens = model.apply(params, to_nhwc(x), return_tokens=True)
     assert tokens.shape == (2, 17, 48) and pooled.shape == (2, 48)
     assert float(jnp.abs(tokens - ref.last_hidden_state.numpy()).max()) <= TOL
     assert float(jnp.abs(pooled - ref.pooler_output.numpy()).max()) <= TOL
-    np.testing.assert_array_equal(model.apply(params, _nhwc(x), method="features"), tokens)
+    np.testing.assert_array_equal(model.apply(params, to_nhwc(x), method="features"), tokens)
 
     # Without a representation layer the pooler is unused: refused unless allowed.
     bare = vit.ViT(**vit_config_from_hf(hf_base.config, with_head=False))
     with pytest.raises(ValueError, match=r"does not use.*pooler\.dense\.weight"):
         vit_params_from_torch(sd, bare)
     params = vit_params_from_torch(sd, bare, allow_unused=[r"^pooler\."])
-    assert float(jnp.abs(bare.apply(params, _nhwc(x)) - tokens[:, 0]).max()) <= 1e-6
+    assert float(jnp.abs(bare.apply(params, to_nhwc(x)) - tokens[:, 0]).max()) <= 1e-6
 
 
-def test_converter_errors_name_the_key(hf_cls):
-    torch, transformers = _hf()
+def test_converter_errors_name_the_key(hf_cls, hf):
+    torch, transformers = hf
     model = vit.ViT(**vit_config_from_hf(hf_cls.config))
     sd = dict(hf_cls.state_dict())
     sd["vit.layers.1.mlp.fc1.weight"] = torch.zeros(95, 48)
@@ -159,8 +132,8 @@ def test_converter_errors_name_the_key(hf_cls):
 
 @pytest.mark.parametrize("method", ["bicubic", "bilinear"])
 @pytest.mark.parametrize("old,new", [((4, 4), (6, 5)), ((7, 7), (3, 5)), ((5, 3), (5, 3))])
-def test_resize_positions_equals_torch_interpolate(method, old, new):
-    torch, _ = _hf()
+def test_resize_positions_equals_torch_interpolate(method, old, new, hf):
+    torch, _ = hf
     grid = np.random.default_rng(0).normal(size=(*old, 6)).astype(np.float32)
     ours = vit.resize_positions(jnp.asarray(grid), new, method)
     ref = torch.nn.functional.interpolate(
@@ -210,18 +183,18 @@ def _count(model):
 
 
 @pytest.mark.parametrize("name", sorted(HF_PRESETS))
-def test_preset_counts_equal_hf(name):
-    torch, transformers = _hf()
+def test_preset_counts_equal_hf(name, hf):
+    torch, transformers = hf
     with torch.device("meta"):
-        hf = transformers.ViTForImageClassification(
+        ref = transformers.ViTForImageClassification(
             transformers.ViTConfig(num_labels=1000, **HF_PRESETS[name])
         )
-    expected = sum(p.numel() for p in hf.parameters())
+    expected = sum(p.numel() for p in ref.parameters())
     model = vit.from_preset(name)
     assert _count(model) == expected
     if name in PUBLISHED:
         assert int(expected / 1e6) == PUBLISHED[name]
-    derived = vit_config_from_hf(hf.config)
+    derived = vit_config_from_hf(ref.config)
     derived.pop("layer_norm_eps")  # HF's default 1e-12; the paper's code uses 1e-6
     assert {k: getattr(model, k) for k in derived} == derived
 
@@ -235,6 +208,7 @@ def test_vit_b16_is_86m():
 # --------------------------------------------------------------------------- behaviour
 
 
+@pytest.mark.slow
 def test_mean_pooling_and_representation_layer():
     model = vit.from_preset("vit-toy", pool="mean", representation_size=24)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
@@ -271,6 +245,7 @@ def toy():
     return model, params, x
 
 
+@pytest.mark.slow
 def test_dropout_and_bfloat16(toy):
     model, params, x = toy
     det = jax.jit(model.apply)(params, x)
