@@ -101,27 +101,72 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors file; bfloat16/float8 (which numpy lacks) go through ml_dtypes."""
+    """Reads a safetensors file; bfloat16/float8 (which numpy lacks) go through ml_dtypes.
+
+    A file that is not safetensors (truncated, damaged, another format) is a ``ValueError``
+    naming it.
+    """
     from safetensors.numpy import load_file
 
     try:
         return load_file(path)
     except TypeError:  # "data type 'bfloat16' not understood": parse the format directly
         pass
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' errors do not say which file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        raw = f.read()
+    try:
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + header_len])
+        data = memoryview(raw)[8 + header_len :]
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            if not 0 <= start <= end <= len(data):
+                raise ValueError(f"tensor {name!r} lies past the end of the file")
+            out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     return out
+
+
+def _read_index(path: str) -> list[str]:
+    """The shard files a ``*.index.json`` names, as paths inside its folder.
+
+    A shard named by an absolute path or one that leaves the folder (``../x.safetensors``)
+    is refused: the index is data, and must not point the loader at arbitrary files.
+    """
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, Mapping):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path} is not a sharded-checkpoint index (JSON with a 'weight_map'): {e}"
+        ) from e
+    folder = os.path.dirname(os.path.abspath(path))
+    shards = []
+    for shard in sorted(set(weight_map.values()), key=str):
+        bad = not isinstance(shard, str) or not shard or os.path.isabs(shard)
+        if not bad:  # lexically, not through symlinks: Hugging Face's cache links to blobs
+            inside = os.path.normpath(os.path.join(folder, shard))
+            bad = os.path.commonpath([folder, inside]) != folder or inside == folder
+        if bad:
+            raise ValueError(
+                f"{path} names the shard {shard!r}, which is not a file inside {folder}; "
+                "refusing to read it."
+            )
+        shards.append(inside)
+    return shards
 
 
 def _read_torch(path: str) -> dict[str, Any]:
@@ -141,11 +186,13 @@ def _read_file(path: str) -> dict[str, Any]:
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     if path.endswith(".index.json"):  # a sharded checkpoint: read every shard it names
-        with open(path) as f:
-            weight_map = json.load(f)["weight_map"]
         out: dict[str, Any] = {}
-        for shard in sorted(set(weight_map.values())):
-            out.update(_read_file(os.path.join(os.path.dirname(path), shard)))
+        for shard in _read_index(path):
+            if shard.endswith(".index.json"):
+                raise ValueError(f"{path} names another index, {shard}, as a shard")
+            if not os.path.exists(shard):
+                raise FileNotFoundError(f"{path} names the shard {shard}, which does not exist")
+            out.update(_read_file(shard))
         return out
     if path.endswith((".bin", ".pt", ".pth")):
         return _read_torch(path)

@@ -2,6 +2,11 @@
 
 Only process 0 writes. ``metrics.jsonl`` in the workdir has one JSON object per logged step
 (``{"step": 100, "split": "train", "loss": ..., ...}``), easy to read back with pandas.
+
+A resumed run starts again from its restored checkpoint, so the writer first drops the
+records past that step (written after the checkpoint by the interrupted process, and about
+to be written again) and any torn last line: the file always reads as one run, one record
+per step and split.
 """
 
 from __future__ import annotations
@@ -22,8 +27,39 @@ def _fmt(v: float) -> str:
     return f"{v:.3e}"
 
 
+def truncate_records(path: str, last_step: int) -> int:
+    """Drops the records of ``path`` (a ``metrics.jsonl``) past ``last_step`` and lines that
+    do not parse (a write cut by a kill); returns how many were dropped. The file is
+    replaced atomically, so a kill here leaves the old or the new file, never a mix."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if step <= last_step and line.endswith("\n"):
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricWriter:
-    """Writes scalars to ``workdir/metrics.jsonl`` and ``workdir/tb`` and shows progress."""
+    """Writes scalars to ``workdir/metrics.jsonl`` and ``workdir/tb`` and shows progress.
+
+    ``start_step``: the step training starts from (the restored checkpoint's, 0 for a fresh
+    run); records of ``metrics.jsonl`` past it are dropped before writing.
+    """
 
     def __init__(
         self,
@@ -41,7 +77,9 @@ class MetricWriter:
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        truncate_records(path, start_step)
+        self._jsonl = open(path, "a")  # noqa: SIM115
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))

