@@ -91,6 +91,7 @@ def test_image_embeddings_equal_reference(tiny):
     "use,multimask",
     [("points", True), ("points+box+mask", False), ("box", True), ("mask", False)],
 )
+@pytest.mark.slow
 def test_masks_and_iou_equal_reference(tiny, use, multimask):
     ref, model, variables = tiny
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
@@ -176,6 +177,7 @@ def test_relative_table_of_another_size_is_an_error():
         enc_lib.relative_table(jnp.zeros((5, 4)), 4, 4)
 
 
+@pytest.mark.slow
 def test_preset_counts_equal_reference():
     """Counts from ``jax.eval_shape`` against the reference built on the meta device."""
     sa = sam_reference.segment_anything()
@@ -248,6 +250,7 @@ HF_TINY = dict(
 )
 
 
+@pytest.mark.slow
 def test_hf_sam_model_parity(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.SamConfig(**HF_TINY)
@@ -299,6 +302,7 @@ def _matmul_operand_dtypes(jaxpr) -> list[tuple[str, tuple, tuple[str, ...]]]:
     return found
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(tiny):
     """bfloat16 reaches every matmul and convolution except the Fourier features of the
     prompt coordinates (``[.., 2] @ [2, dim/2]``, kept in float32 on purpose); params stay

@@ -38,6 +38,7 @@ def _image() -> np.ndarray:
 
 
 @pytest.mark.parametrize("nms", [1.0, 0.7])
+@pytest.mark.slow
 def test_records_equal_reference_generator(nms):
     sa = sam_reference.segment_anything()
     ref = sam_reference.build_tiny(seed=3, randomize_all=False)

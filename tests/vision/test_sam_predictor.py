@@ -38,6 +38,7 @@ def pair():
 
 
 @pytest.mark.parametrize("shape,case", [((50, 37, 3), 1), ((90, 120, 3), 0)])
+@pytest.mark.slow
 def test_predictions_equal_reference_predictor(pair, shape, case):
     theirs, ours = pair
     rng = np.random.default_rng(shape[0])
@@ -79,6 +80,7 @@ def test_predictions_equal_reference_predictor(pair, shape, case):
         np.testing.assert_array_equal(masks, got[0] > 0.0)
 
 
+@pytest.mark.slow
 def test_batched_prompts_equal_one_at_a_time(pair):
     _, ours = pair
     image = np.random.default_rng(3).integers(0, 256, (40, 64, 3), dtype=np.uint8)
@@ -94,6 +96,7 @@ def test_batched_prompts_equal_one_at_a_time(pair):
             np.testing.assert_allclose(b[i], s, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_each_program_compiles_once(pair):
     _, ours = pair
     rng = np.random.default_rng(4)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from common import sharding
 from vision.sam import model as sam_model
 
 
+@pytest.mark.slow
 def test_sharded_embedding_equals_one_device():
     if len(jax.devices()) < 8:
         import pytest
