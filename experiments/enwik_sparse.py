@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from common import config as config_lib
-from common import evaluation, results, training
+from common import evaluation, presets, results, training
 from common import sharding as sharding_lib
 from common.data import wikipedia
 from common.data.packing import PackedWindows
@@ -94,10 +94,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 def build_model(config) -> st.SparseTransformer:
     """The Sparse Transformer of ``config.model``; errors name the field before compiling."""
-    m = dict(config.model)
-    preset, dtype = m.pop("preset"), config_lib.dtype(m.pop("dtype"))
-    m["remat_policy"] = m["remat_policy"] or None
-    return st.from_preset(preset, **m, vocab_size=256, max_len=config.data.seq_len, dtype=dtype)
+    m = {**config.model, "remat_policy": config.model.remat_policy or None}
+    return presets.from_config(st.from_preset, m, vocab_size=256, max_len=config.data.seq_len)
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
