@@ -23,7 +23,7 @@ and the same callables inside ``train(..., evaluate=...)`` for validation during
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,20 +50,44 @@ def lm_evaluator(
     """
     seq_len = model.max_len
 
-    @jax.jit
     def step(params, batch):
         logits = model.apply({"params": params}, batch["inputs"])  # [b, seq_len, vocab]
         return cross_entropy(logits, batch["targets"], batch["weights"])
 
-    rows = sharding_lib.process_batch_slice(batch_size)
+    sums = batch_sums(step, mesh, batch_size)
 
     def evaluate(params: Any, tokens: np.ndarray, max_tokens: int | None = None):
-        nats, count = 0.0, 0.0
-        for batch in eval_windows(tokens, seq_len, batch_size, max_tokens or None, stride):
-            batch = sharding_lib.put_batch({k: v[rows] for k, v in batch.items()}, mesh)
-            s, c = step(params, batch)
-            nats, count = nats + float(s), count + float(c)
+        windows = eval_windows(tokens, seq_len, batch_size, max_tokens or None, stride)
+        nats, count = sums(params, windows)
         return nats, int(count)
+
+    return evaluate
+
+
+def batch_sums(
+    step: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, ...]],
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+) -> Callable[[Any, Iterable[Mapping[str, np.ndarray]]], tuple[float, ...]]:
+    """``evaluate(params, batches) -> sums``: ``step(params, batch) -> (scalar, ...)`` (jitted
+    once per batch shape), summed over host ``batches`` of ``batch_size`` rows each (global,
+    the same on every process; padding rows carry zero weight). Each process places its rows,
+    so every process returns the sums over the whole batches."""
+    step = jax.jit(step)
+    rows = sharding_lib.process_batch_slice(batch_size)
+
+    def evaluate(params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> tuple[float, ...]:
+        totals = None
+        for batch in batches:
+            sizes = {len(v) for v in batch.values()}
+            if sizes != {batch_size}:
+                raise ValueError(f"batches must have {batch_size} rows, got {sorted(sizes)}")
+            out = step(params, sharding_lib.put_batch({k: v[rows] for k, v in batch.items()}, mesh))
+            out = [float(x) for x in out]
+            totals = out if totals is None else [t + x for t, x in zip(totals, out, strict=True)]
+        if totals is None:
+            raise ValueError("nothing to evaluate: no batches")
+        return tuple(totals)
 
     return evaluate
 

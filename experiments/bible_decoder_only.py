@@ -29,15 +29,13 @@ Training batches hold pairs of similar length: each pair goes to the smallest bu
 (``data.buckets``) that holds ``english <delim> spanish <eos>``, batch ``s`` draws a bucket
 (in proportion to its pairs) and ``data.batch_tokens // bucket`` of its pairs from
 ``(seed, s)`` alone, so the pipeline's state is the step number. Pairs longer than the last
-bucket are cut (source first). Writes ``metrics.jsonl``, checkpoints (resume by starting
-again), ``translations_test.txt``, ``results.json``; the last lines printed are
-``bleu=<test BLEU>`` and ``sacrebleu_signature=<signature>``.
+bucket are cut (source first). Starting again resumes. Results: docs/results.md; tried:
+docs/tried/bible_decoder_only.md. The last lines printed are ``bleu=<test BLEU>`` and
+``sacrebleu_signature=<signature>``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
@@ -45,17 +43,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from sacrebleu.metrics import BLEU
 
+from common import config as config_lib
+from common import evaluation, presets, results, training
 from common import sharding as sharding_lib
-from common import training
 from common.data import bible
-from common.data.bpe import BPETokenizer
+from common.data.bpe import load_or_train_bpe
+from common.data.translation import both_sides, encode_pairs, length_sorted
 from common.losses import cross_entropy
 from nlp import long_lm
 from nlp.sparse_transformer import lm_loss_fn
+from nlp.translation import report
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EOS = PAD = 0  # `<|endoftext|>`; the delimiter is the id after the BPE vocabulary
 
 
@@ -80,35 +79,23 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         dropout=0.1,
         dtype="float32",
     )
-    c.optim = dict(
-        lr=2e-3,
-        schedule="cosine",
-        warmup_steps=50,
-        total_steps=-1,
-        min_lr_ratio=0.05,
-        b1=0.9,
-        b2=0.98,
-        eps=1e-9,
-        weight_decay=0.01,
-        grad_clip=1.0,
+    c.optim = config_lib.optim(
+        lr=2e-3,  # a small model tolerates a higher peak than the default
+        warmup_steps=50,  # a short run: a short warmup
+        min_lr_ratio=0.05,  # decay further: the run ends at the schedule's end
+        b2=0.98,  # Transformer's Adam (Vaswani et al. 2017, section 5.3), as translate_bible
+        eps=1e-9,  # as translate_bible
+        weight_decay=0.01,  # light decay: a short run does not over-fit
     )
-    c.train = dict(
-        steps=500,
-        accum_steps=1,
-        log_every=25,
-        eval_every=250,
-        checkpoint_every=250,
-        keep_checkpoints=2,
-        async_checkpoint=True,
-        report_mfu=False,
-    )
+    c.train = config_lib.train(steps=500)  # a CPU budget per layer pattern
+    del c.train["batch_size"]  # batches are made of tokens: data.batch_tokens
     c.eval = dict(
         max_val_pairs=256,  # validation pairs scored (teacher-forced NLL) during training
         max_test_examples=64,  # test verses translated for BLEU (the first: Ruth 1-3); 0 = all
         batch_size=64,  # verses per greedy-decoding batch
         extra_tokens=20,  # decode at most 1.5 x source length + this many tokens
     )
-    c.mesh = dict(data=-1, fsdp=1, rules=[list(r) for r in sharding_lib.DEFAULT_RULES])
+    c.mesh = config_lib.mesh()
     if variant == "smoke":
         c.data.update(vocab_size=512, buckets=[64, 128], batch_tokens=512)
         c.model.update(num_heads=2, d_model=32, d_ff=64, local_block=16)
@@ -122,28 +109,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 def build_model(config, vocab_size: int) -> long_lm.LongLM:
     """``vocab_size`` = BPE vocabulary + 1 (the delimiter)."""
-    m = dict(config.model)
-    preset, dtype = m.pop("preset"), m.pop("dtype")
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
     buckets = list(config.data.buckets)
     if not buckets or buckets != sorted(set(buckets)) or buckets[0] < 4:
         raise ValueError(f"data.buckets={buckets} must be increasing lengths >= 4")
-    return long_lm.from_preset(
-        preset, **m, vocab_size=vocab_size, max_len=buckets[-1], dtype=DTYPES[dtype]
-    )
-
-
-def load_tokenizer(config, workdir: str, train: list[tuple[str, str]]) -> BPETokenizer:
-    """The shared BPE vocabulary, trained on both sides of the training pairs and kept."""
-    path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(path):
-        return BPETokenizer.load(path)
-    tok = BPETokenizer.train([e for e, _ in train] + [s for _, s in train], config.data.vocab_size)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tok.save(path)
-    return tok
+    fields = dict(vocab_size=vocab_size, max_len=buckets[-1])
+    return presets.from_config(long_lm.from_preset, config.model, **fields)
 
 
 class PairBatches:
@@ -151,9 +121,7 @@ class PairBatches:
 
     def __init__(self, pairs, buckets, batch_tokens, delim_id, *, seed=0, multiple=1):
         self.pairs, self.buckets, self.delim_id, self.seed = pairs, list(buckets), delim_id, seed
-        need = [
-            len(s) + len(t) + 1 for s, t in pairs
-        ]  # inputs: src <delim> tgt (eos is last target)
+        need = [len(s) + len(t) + 1 for s, t in pairs]  # src <delim> tgt (eos: last target)
         which = np.searchsorted(self.buckets, need)  # smallest bucket >= need
         which = np.minimum(which, len(self.buckets) - 1)
         self.members = [np.flatnonzero(which == b) for b in range(len(self.buckets))]
@@ -190,28 +158,28 @@ class PairBatches:
         self.step = int(state["step"])
 
 
-def make_nll_evaluator(model, mesh, delim_id: int, seq_len: int, rows: int = 64):
-    """Teacher-forced NLL per Spanish token (with eos) over pairs: ``(nats, tokens)``."""
+def nll_evaluator(model, mesh, delim_id: int, seq_len: int, rows: int):
+    """``evaluate(params, pairs) -> (nats, tokens)``: teacher-forced NLL of the Spanish
+    tokens (with eos) of ``pairs``, in batches of ``rows``."""
 
-    @jax.jit
     def step(params, batch):
         logits = model.apply({"params": params}, batch["inputs"])
         return cross_entropy(logits, batch["targets"], batch["weights"])
 
-    def evaluate(params, pairs):
-        nats, count = 0.0, 0.0
+    sums = evaluation.batch_sums(step, mesh, rows)
+
+    def batches(pairs):
         for i in range(0, len(pairs), rows):
             chunk = list(pairs[i : i + rows])
-            chunk += [([], [])] * (rows - len(chunk))  # filler rows to a fixed shape
+            n = len(chunk)
+            chunk += [([], [])] * (rows - n)  # filler rows to a fixed shape
             batch = long_lm.make_batch(
                 chunk, delim_id=delim_id, eos_id=EOS, pad_id=PAD, seq_len=seq_len
             )
-            batch["weights"][len(pairs[i : i + rows]) :] = 0.0  # filler rows score nothing
-            s, c = step(params, sharding_lib.put_batch(batch, mesh))
-            nats, count = nats + float(s), count + float(c)
-        return nats, count
+            batch["weights"][n:] = 0.0  # filler rows score nothing
+            yield batch
 
-    return evaluate
+    return lambda params, pairs: sums(params, batches(pairs))
 
 
 def translate(model, params, tok, sources, delim_id, config) -> list[str]:
@@ -219,10 +187,8 @@ def translate(model, params, tok, sources, delim_id, config) -> list[str]:
     length share one decoding buffer (a bucket of ``data.buckets``)."""
     ec = config.eval
     buckets = list(config.data.buckets)
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     out = [""] * len(sources)
-    for start in range(0, len(order), ec.batch_size):
-        idx = order[start : start + ec.batch_size]
+    for idx in length_sorted([len(s) for s in sources], ec.batch_size):
         longest = max(len(sources[i]) for i in idx)
         max_new = int(1.5 * longest) + ec.extra_tokens
         seq_len = next((b for b in buckets if b >= longest + 1 + max_new), buckets[-1])
@@ -251,13 +217,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     test_examples = bible.load_examples("test", data_dir)
     if config.eval.max_test_examples:
         test_examples = test_examples[: config.eval.max_test_examples]
-    tok = load_tokenizer(config, workdir, train_pairs)
+    tok = load_or_train_bpe(workdir, lambda: both_sides(train_pairs), config.data.vocab_size)
     delim_id = tok.vocab_size
     model = build_model(config, tok.vocab_size + 1)
 
     def encode(pairs):
-        en, es = tok.encode_batch([e for e, _ in pairs]), tok.encode_batch([s for _, s in pairs])
-        return list(zip(en, es, strict=True))
+        return list(zip(*encode_pairs(tok, pairs), strict=True))
 
     train_ids, val_ids = encode(train_pairs), encode(val_pairs)
     print(
@@ -266,9 +231,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"+ delimiter; layer_pattern={model.layer_pattern} local_block={model.local_block}",
         flush=True,
     )
-    with config.unlocked():
-        if config.optim.total_steps <= 0:
-            config.optim.total_steps = config.train.steps
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     multiple = mesh.shape["data"] * mesh.shape["fsdp"]
     train_data = PairBatches(
@@ -280,7 +242,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         multiple=multiple,
     )
     rows = max(multiple, 64 // multiple * multiple)
-    nll = make_nll_evaluator(model, mesh, delim_id, config.data.buckets[-1], rows)
+    nll = nll_evaluator(model, mesh, delim_id, config.data.buckets[-1], rows)
 
     def evaluate(params, step):
         nats, n = nll(params, val_ids)
@@ -288,9 +250,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     example = jnp.zeros((1, 8), jnp.int32)
     init_fn = lambda rng: model.init(rng, example)
-    n_params = training.param_count(jax.eval_shape(init_fn, jax.random.key(0))["params"])
-    meta = {"model": config.model.to_dict(), "data": config.data.to_dict()}
-    t_train = time.time()
     result = training.train(
         config=config,
         workdir=workdir,
@@ -298,49 +257,32 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         loss_fn=lm_loss_fn(model),
         train_data=train_data,
         evaluate=evaluate,
-        meta=meta,
+        meta={"model": config.model.to_dict(), "data": config.data.to_dict()},
     )
-    train_s = time.time() - t_train
     params = result.state.params
 
+    # Test verses: greedy decoding, sacreBLEU, teacher-forced NLL.
     t_dec = time.time()
     sources = tok.encode_batch([e["en"] for e in test_examples])
     hyps = translate(model, params, tok, sources, delim_id, config)
     decode_s = time.time() - t_dec
-    bleu = BLEU()
-    score = bleu.corpus_score(hyps, [[e["es"] for e in test_examples]])
-    signature = str(bleu.get_signature())
+    bleu = evaluation.corpus_bleu(hyps, [e["es"] for e in test_examples])
     test_nats, test_n = nll(params, encode([(e["en"], e["es"]) for e in test_examples]))
     val_nats, val_n = nll(params, val_ids)  # also when a resumed run trained no step
     summary = {
-        "bleu": score.score,
-        "sacrebleu_signature": signature,
-        "bleu_detail": str(score),
+        **bleu,
         "layer_pattern": model.layer_pattern,
         "test_verses": len(test_examples),
         "test_nll_per_token": test_nats / test_n,
         "val_nll_per_token": val_nats / val_n,
-        "params": n_params,
-        "steps": int(result.state.step),
-        "train_s": train_s,
+        "params": training.param_count(jax.eval_shape(init_fn, jax.random.key(0))["params"]),
+        **result.summary(),
         "decode_s": decode_s,
         "wall_s": time.time() - t0,
     }
-    if jax.process_index() == 0:
-        refs = [e["ref"] for e in test_examples]
-        with open(os.path.join(workdir, "translations_test.txt"), "w") as f:
-            f.write("".join(f"{r}\t{h}\n" for r, h in zip(refs, hyps, strict=True)))
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        for e, h in list(zip(test_examples, hyps, strict=True))[:3]:
-            print(f"{e['ref']}\n  en:  {e['en']}\n  es:  {e['es']}\n  out: {h}", flush=True)
-        print(
-            f"{model.layer_pattern}: {len(test_examples)} test verses decoded greedily in "
-            f"{decode_s:.0f}s; test NLL/token {test_nats / test_n:.3f}; {score}",
-            flush=True,
-        )
-        print(f"bleu={score.score:.2f}", flush=True)
-        print(f"sacrebleu_signature={signature}", flush=True)
+    results.write(workdir, summary, headline=("bleu", "test_nll_per_token"))
+    how = f"{model.layer_pattern}, {len(hyps)} test verses decoded greedily"
+    report(workdir, test_examples, hyps, bleu, num_samples=3, how=how)
     return summary
 
 

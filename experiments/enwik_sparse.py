@@ -13,23 +13,17 @@ Launch one attention kind (the three share every other setting):
 
 Smoke (seconds): ``--config=experiments/enwik_sparse.py:smoke``.
 
-Data: ``common.data.wikipedia`` (tfds ``wikipedia_xml_sample``): the raw bytes of 206
-articles (XML + wiki markup) split 90 / 5 / 5 % by whole articles; the vocabulary is the
-256 byte values. Training windows are packed from the train bytes
-(``common.data.packing``); validation / test bytes are scored with sliding windows (each
-scored byte sees at least ``seq_len - eval.stride`` bytes of context) and reported as
-``bits_per_byte = sum(nats) / ln 2 / bytes``. The run prints ``bits_per_byte=<test value>``
-and ``ms_per_step=<median train step time>`` (from ``metrics.jsonl``, compilation and
-evaluation excluded) and writes ``results.json``. Starting again on the same workdir resumes
-from the last checkpoint (``common.training``).
+Data: ``common.data.wikipedia`` (tfds ``wikipedia_xml_sample``): the raw bytes of whole
+articles (XML + wiki markup) split 90 / 5 / 5 % by article; the vocabulary is the 256 byte
+values. Training windows are packed from the train bytes (``common.data.packing``);
+validation / test bytes are scored with sliding windows (``common.evaluation.lm_evaluator``:
+each scored byte sees at least ``seq_len - eval.stride`` bytes of context) in
+``bits_per_byte = sum(nats) / ln 2 / bytes``. ``ms_per_step`` is the median train step time
+(compilation and evaluation excluded). Results: ``workdir/results.json``, docs/results.md.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import statistics
 import time
 
 import jax
@@ -37,14 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from common import config as config_lib
+from common import evaluation, presets, results, training
 from common import sharding as sharding_lib
-from common import training
 from common.data import wikipedia
-from common.data.packing import PackedWindows, eval_windows
-from common.losses import cross_entropy
+from common.data.packing import PackedWindows
 from nlp import sparse_transformer as st
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -62,34 +54,25 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         num_heads=4,
         d_model=128,
         d_ff=512,
-        stride=32,  # l ~ sqrt(seq_len) (the paper: 128 for 12,288 bytes)
+        stride=32,  # l ~ sqrt(seq_len), as the paper's 128 for 12,288 bytes
         c=8,  # fixed pattern: c / l = 1 / 4 as the paper's 32 / 128
         dropout=0.0,
         remat_policy="",  # "" = none; else a jax.checkpoint_policies name
         dtype="float32",
     )
-    c.optim = dict(
-        lr=2e-3,
-        schedule="cosine",
-        warmup_steps=40,
-        total_steps=-1,
-        min_lr_ratio=0.05,
-        b1=0.9,
-        b2=0.99,
-        eps=1e-8,
-        weight_decay=0.01,
-        grad_clip=1.0,
+    c.optim = config_lib.optim(
+        lr=2e-3,  # a 4-layer model tolerates a higher peak than the default
+        warmup_steps=40,  # a short run: a short warmup
+        min_lr_ratio=0.05,  # decay further: the run ends at the schedule's end
+        b2=0.99,  # few steps: a shorter second-moment memory adapts faster
+        weight_decay=0.01,  # the Sparse Transformer's light decay
     )
-    c.train = dict(
-        steps=400,  # about 5 minutes per attention kind on 2 shared CPU cores
-        batch_size=4,
-        accum_steps=1,
-        log_every=20,
-        eval_every=200,
-        checkpoint_every=100,
-        keep_checkpoints=2,
-        async_checkpoint=True,
-        report_mfu=False,
+    c.train = config_lib.train(
+        steps=400,  # a CPU budget per attention kind
+        batch_size=4,  # long windows: few of them per step on a CPU
+        log_every=20,  # enough logged intervals for a median step time
+        eval_every=200,  # validation twice per run
+        checkpoint_every=100,  # a CPU run can be killed: lose at most 100 steps
     )
     c.eval = dict(
         batch_size=32,
@@ -97,7 +80,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         test_max_bytes=0,  # bytes of the final validation / test scores; 0 = all
         stride=0,  # sliding windows every `stride` bytes; 0 = seq_len // 2
     )
-    c.mesh = dict(data=-1, fsdp=1, rules=[list(r) for r in sharding_lib.DEFAULT_RULES])
+    c.mesh = config_lib.mesh()
     if variant == "smoke":  # seconds: plumbing only
         c.data.seq_len = 64
         c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, stride=8, c=2)
@@ -111,93 +94,46 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 def build_model(config) -> st.SparseTransformer:
     """The Sparse Transformer of ``config.model``; errors name the field before compiling."""
-    m = dict(config.model)
-    preset = m.pop("preset")
-    dtype = m.pop("dtype")
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    m["remat_policy"] = m["remat_policy"] or None
-    return st.from_preset(
-        preset, **m, vocab_size=256, max_len=config.data.seq_len, dtype=DTYPES[dtype]
-    )
-
-
-def make_evaluator(model: st.SparseTransformer, mesh, batch_size: int, stride: int):
-    """``evaluate(params, data, max_bytes) -> (nats, bytes predicted)`` over a byte stream."""
-
-    @jax.jit
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"])
-        return cross_entropy(logits, batch["targets"], batch["weights"])
-
-    rows = sharding_lib.process_batch_slice(batch_size)
-
-    def evaluate(params, data, max_bytes=None):
-        nats, count = 0.0, 0.0
-        for batch in eval_windows(data, model.max_len, batch_size, max_bytes or None, stride):
-            batch = sharding_lib.put_batch({k: v[rows] for k, v in batch.items()}, mesh)
-            s, c = eval_step(params, batch)
-            nats, count = nats + float(s), count + float(c)
-        return nats, int(count)
-
-    return evaluate
-
-
-def bits_per_byte(nats: float, n: int) -> float:
-    return nats / math.log(2) / n
-
-
-def median_step_ms(workdir: str) -> float | None:
-    """Median ``step_time_s`` of the logged train steps in ``metrics.jsonl``, in ms."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    times = []
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("split") == "train" and "step_time_s" in record:
-                times.append(record["step_time_s"])
-    return 1000 * statistics.median(times) if times else None
+    m = {**config.model, "remat_policy": config.model.remat_policy or None}
+    return presets.from_config(st.from_preset, m, vocab_size=256, max_len=config.data.seq_len)
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     t0 = time.time()
     model = build_model(config)  # config errors first, before reading or compiling anything
+    # Data: the article bytes; the vocabulary is the 256 byte values.
     data_dir = config.data.data_dir or None
-    train_bytes = wikipedia.load_bytes("train", data_dir).astype(np.int32)
-    val_bytes = wikipedia.load_bytes("validation", data_dir).astype(np.int32)
-    test_bytes = wikipedia.load_bytes("test", data_dir).astype(np.int32)
+    data = {
+        s: wikipedia.load_bytes(s, data_dir).astype(np.int32)
+        for s in ("train", "validation", "test")
+    }
     print(
-        f"data: train {len(train_bytes):,} bytes, validation {len(val_bytes):,}, "
-        f"test {len(test_bytes):,}; attention={model.attention} mode={model.mode} "
+        f"data: train {len(data['train']):,} bytes, validation {len(data['validation']):,}, "
+        f"test {len(data['test']):,}; attention={model.attention} mode={model.mode} "
         f"stride={model.stride} c={model.c}",
         flush=True,
     )
-    with config.unlocked():
-        if config.optim.total_steps <= 0:
-            config.optim.total_steps = config.train.steps
-    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     seq_len, bs = config.data.seq_len, config.train.batch_size
     train_data = PackedWindows(
-        train_bytes,
+        data["train"],
         seq_len,
         bs,
         seed=config.seed,
         process_rows=sharding_lib.process_batch_slice(bs),
     )
-    evaluator = make_evaluator(
-        model, mesh, config.eval.batch_size, config.eval.stride or seq_len // 2
+    init_fn = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    n_params = training.param_count(jax.eval_shape(init_fn, jax.random.key(0))["params"])
+
+    # Evaluation: bits per byte of held-out articles, with sliding windows.
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    lm_eval = evaluation.lm_evaluator(
+        model, mesh, batch_size=config.eval.batch_size, stride=config.eval.stride or seq_len // 2
     )
 
     def evaluate(params, step):
-        nats, n = evaluator(params, val_bytes, config.eval.max_bytes)
-        return {"loss": nats / n, "bits_per_byte": bits_per_byte(nats, n)}
+        nats, n = lm_eval(params, data["validation"], config.eval.max_bytes)
+        return {"loss": nats / n, "bits_per_byte": evaluation.bits_per_unit(nats, n)}
 
-    example = jnp.zeros((1, seq_len), jnp.int32)
-    init_fn = lambda rng: model.init(rng, example)
-    n_params = training.param_count(jax.eval_shape(init_fn, jax.random.key(0))["params"])
-    meta = {"model": config.model.to_dict(), "data": config.data.to_dict()}
     result = training.train(
         config=config,
         workdir=workdir,
@@ -205,35 +141,25 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         loss_fn=st.lm_loss_fn(model),
         train_data=train_data,
         evaluate=evaluate,
-        meta=meta,
+        meta={"model": config.model.to_dict(), "data": config.data.to_dict()},
         tokens_per_step=bs * seq_len,
     )
-    params = result.state.params
-    final_max = config.eval.test_max_bytes or None
-    nats, n = evaluator(params, test_bytes, final_max)
-    vnats, vn = evaluator(params, val_bytes, final_max)
+    params, final_max = result.state.params, config.eval.test_max_bytes or None
+    nats, n = lm_eval(params, data["test"], final_max)
+    vnats, vn = lm_eval(params, data["validation"], final_max)
+    step_s = result.step_time_s
     summary = {
-        "bits_per_byte": bits_per_byte(nats, n),
-        "val_bits_per_byte": bits_per_byte(vnats, vn),
+        "bits_per_byte": evaluation.bits_per_unit(nats, n),
+        "val_bits_per_byte": evaluation.bits_per_unit(vnats, vn),
         "test_bytes_scored": n,
-        "ms_per_step": median_step_ms(workdir),
+        "ms_per_step": None if step_s is None else 1000 * step_s,
         "attention": model.attention,
         "mode": model.mode,
         "params": n_params,
-        "steps": config.train.steps,
+        **result.summary(),
         "wall_s": time.time() - t0,
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(
-            f"params={n_params:,} test bytes scored {n:,}; validation "
-            f"bits_per_byte={summary['val_bits_per_byte']:.4f}",
-            flush=True,
-        )
-        if summary["ms_per_step"] is not None:
-            print(f"ms_per_step={summary['ms_per_step']:.1f}", flush=True)
-        print(f"bits_per_byte={summary['bits_per_byte']:.4f}", flush=True)
+    results.write(workdir, summary, headline=("bits_per_byte", "val_bits_per_byte", "ms_per_step"))
     return summary
 
 

@@ -98,3 +98,22 @@ def test_corpus_bleu_perfect_and_signature():
     assert out["bleu"] == pytest.approx(100.0)
     assert out["sacrebleu_signature"].startswith("nrefs:1")
     assert evaluation.corpus_bleu(["x y z"] * 2, refs)["bleu"] < 5
+
+
+def test_batch_sums_adds_every_batch_and_names_bad_batches():
+    mesh = sharding.make_mesh()
+    step = lambda p, b: (jnp.sum(b["x"] * p * b["w"]), jnp.sum(b["w"]))
+    rng = np.random.default_rng(2)
+    batches = [
+        {"x": rng.normal(size=(8, 3)).astype(np.float32), "w": rng.integers(0, 2, (8, 1)) * 1.0}
+        for _ in range(3)
+    ]
+    sums = evaluation.batch_sums(step, mesh, batch_size=8)
+    total, count = sums(jnp.float32(2.0), iter(batches))
+    want = sum(float((2.0 * b["x"] * b["w"]).sum()) for b in batches)
+    assert total == pytest.approx(want, rel=1e-5)
+    assert count == sum(float(b["w"].sum()) for b in batches)
+    with pytest.raises(ValueError, match="batches must have 8 rows, got \\[4\\]"):
+        sums(1.0, [{k: v[:4] for k, v in batches[0].items()}])
+    with pytest.raises(ValueError, match="no batches"):
+        sums(1.0, [])
