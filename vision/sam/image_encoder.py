@@ -27,8 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common import validation
 from common.attention import IMPLEMENTATIONS, dot_product_attention
-from common.layers import MLP, layer_norm
+from common.layers import MLP, REMAT_POLICIES, layer_norm, remat
 
 Array = jax.Array
 
@@ -202,36 +203,28 @@ class ImageEncoder(nn.Module):
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     out_channels: int = 256
     layer_norm_eps: float = 1e-6
-    remat: bool = False  # recompute each block in the backward pass
+    remat_policy: str | None = None  # see common.layers.REMAT_POLICIES; None: no recompute
     attention_impl: str | None = None  # see common.attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        problems = []
-        for name in ("image_size", "patch_size", "num_channels", "d_model", "num_layers"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        for name in ("num_heads", "d_ff", "out_channels"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.patch_size > 0 and self.image_size % self.patch_size:
-            problems.append(
+        p = validation.positive_ints(
+            self, "image_size", "patch_size", "num_channels", "d_model", "num_layers"
+        )
+        p += validation.positive_ints(self, "num_heads", "d_ff", "out_channels")
+        if validation.is_positive_int(self.patch_size) and self.image_size % self.patch_size:
+            p.append(
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
             )
-        if self.num_heads > 0 and self.d_model % self.num_heads:
-            problems.append(f"num_heads={self.num_heads} does not divide d_model={self.d_model}")
-        if self.window_size < 0:
-            problems.append(f"window_size={self.window_size} must be >= 0 (0: all global)")
+        p += validation.divides(self, "num_heads", "d_model")
+        p += validation.non_negative_ints(self, "window_size")  # 0: every block global
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
         if bad:
-            problems.append(f"global_attn_indexes {bad} are not block indices < {self.num_layers}")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            problems.append(
-                f"attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
-        if problems:
-            raise ValueError("invalid SAM image encoder config: " + "; ".join(problems))
+            p.append(f"global_attn_indexes {bad} are not block indices < {self.num_layers}")
+        p += validation.one_of(self, "attention_impl", IMPLEMENTATIONS)
+        p += validation.one_of(self, "remat_policy", REMAT_POLICIES)
+        validation.check(self, p, "SAM image encoder")
         super().__post_init__()
 
     @property
@@ -270,7 +263,7 @@ class ImageEncoder(nn.Module):
             self.param_dtype,
         )
         x = x + pos.astype(self.dtype)  # [b, g, g, d]
-        block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        block_cls = remat(EncoderBlock, self.remat_policy)
         for i in range(self.num_layers):
             x = block_cls(
                 num_heads=self.num_heads,

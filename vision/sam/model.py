@@ -111,7 +111,7 @@ class Sam(nn.Module):
     iou_head_hidden_dim: int = 256
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
     pixel_std: tuple[float, float, float] = PIXEL_STD
-    remat: bool = False
+    remat_policy: str | None = None  # the image encoder's; see common.layers.REMAT_POLICIES
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -139,7 +139,7 @@ class Sam(nn.Module):
             global_attn_indexes=tuple(self.global_attn_indexes),
             out_channels=self.prompt_dim,
             layer_norm_eps=self.encoder_layer_norm_eps,
-            remat=self.remat,
+            remat_policy=self.remat_policy,
             attention_impl=self.attention_impl,
             **kw,
         )
