@@ -133,7 +133,7 @@ def palm_flops_per_step(params, cfg: Config, seq_len: int, tokens: int) -> float
     """``6 N D + 12 L T d D`` (PaLM appendix B); N excludes the position table."""
     n = sum(int(x.size) for x in jax.tree.leaves(params))
     n -= int(params["wpe"]["embedding"].size)
-    return 6.0 * n * tokens + 12.0 * cfg.num_layers * seq_len * cfg.d_model * tokens
+    return flops.palm_flops_per_token(n, cfg.num_layers, seq_len, cfg.d_model) * tokens
 
 
 def matmul_peak(sizes: tuple[int, ...]) -> dict[int, float]:

@@ -38,6 +38,14 @@ def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5
     return 2 * n**3 / best
 
 
+def palm_flops_per_token(n_params: int, num_layers: int, seq_len: int, d_model: int) -> float:
+    """Training FLOPs per token of a decoder, PaLM (Chowdhery et al., 2022) appendix B:
+    ``6 N + 12 L T d``: forward and backward matmuls over the ``N`` parameters (without the
+    position table, which is a lookup) plus attention's scores and weighted sums over a
+    context of ``T`` tokens in each of ``L`` layers of width ``d``."""
+    return 6.0 * n_params + 12.0 * num_layers * seq_len * d_model
+
+
 def compiled_flops(fn: Any, *args: Any) -> float:
     """FLOPs of one call of ``fn(*args)`` from XLA's cost analysis of the compiled program."""
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()

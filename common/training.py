@@ -10,6 +10,17 @@
 * ``train`` is the loop every experiment uses: mesh, sharded init, auto-resume, jit with
   explicit shardings and donated state, logging, evaluation, checkpoints, and a clean stop on
   a non-finite loss or non-finite parameters that leaves the last good checkpoint in place.
+  It returns a ``TrainResult``: the final state, the last evaluation and logged train
+  metrics, median throughput, and the training time and resume count of the whole run
+  (kept in each checkpoint), so no caller reads its own ``metrics.jsonl`` back.
+
+An experiment's main, after building data and model (see ``experiments/gpt_shakespeare.py``)::
+
+    result = training.train(config=config, workdir=workdir, init_fn=init_fn,
+                            loss_fn=loss_fn, train_data=train_data, evaluate=evaluate,
+                            meta={"model": ..., "data": ...}, tokens_per_step=bs * seq_len)
+    summary = {**my_test_metrics(result.state.params), **result.summary()}
+    results.write(workdir, summary, headline=(...))
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -29,6 +41,7 @@ import optax
 
 from common import sharding as sharding_lib
 from common.checkpoint import Checkpointer
+from common.config import resolve_optim
 from common.flops import measured_matmul_peak
 from common.metrics import MetricWriter
 from common.optim import adamw, ema_params
@@ -157,9 +170,44 @@ def param_count(params: Any) -> int:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What a caller of ``train`` needs; ``summary()`` is the part that goes in results.json.
+
+    Throughput is the median over this process's logged intervals (compilation and
+    evaluation excluded); ``train_s`` and ``resumes`` cover every process of a resumed run
+    (``train_s`` counts each process up to its last checkpoint, so steps redone after a
+    kill are counted once).
+    """
+
     state: TrainState
-    eval_metrics: dict[str, float]
-    resumed_from: int | None
+    eval_metrics: dict[str, float]  # the last evaluation's (empty when none ran)
+    resumed_from: int | None  # the checkpoint step this process started from
+    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last logged
+    step_time_s: float | None = None  # median seconds per step; None if no interval logged
+    tokens_per_s: float | None = None  # tokens_per_step / step_time_s
+    images_per_s: float | None = None  # images_per_step / step_time_s
+    train_s: float = 0.0  # wall time inside ``train`` over all processes of the run
+    resumes: int = 0  # how many times the run was resumed from a checkpoint
+
+    def summary(self) -> dict[str, Any]:
+        """``steps``, ``train_s``, ``resumes``, ``resumed_from``, ``step_time_s``,
+        ``tokens_per_s``, ``images_per_s`` (None where not measured), for results.json."""
+        keys = ("train_s", "resumes", "resumed_from", "step_time_s", "tokens_per_s")
+        return {
+            "steps": int(self.state.step),
+            **{k: getattr(self, k) for k in (*keys, "images_per_s")},
+        }
+
+
+# The checkpoint's data item holds the iterator's state and the loop's own running totals.
+_ITERATOR, _LOOP = "iterator", "loop"
+
+
+def _split_data_state(saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(iterator state, loop totals) of a checkpoint's data item (older checkpoints hold
+    the iterator's state alone)."""
+    if set(saved) == {_ITERATOR, _LOOP}:
+        return saved[_ITERATOR], saved[_LOOP]
+    return saved, {}
 
 
 def train(
@@ -183,13 +231,17 @@ def train(
     ``eval_every``, ``checkpoint_every``, ``keep_checkpoints``, ``async_checkpoint``).
     ``evaluate(params, step)`` gets ``eval_params(state)``: the parameter EMA when
     ``optim.ema_decay > 0``.
-    Throughput is logged as ``tokens_per_s`` and/or ``images_per_s`` when the tokens or
-    images of one step are given. ``project``: see ``common.optim.adamw``.
+    Derived config fields are resolved here (``common.config.resolve_optim``), without
+    changing ``config``. Throughput is logged as ``tokens_per_s`` and/or ``images_per_s``
+    when the tokens or images of one step are given; the returned ``TrainResult`` carries
+    their medians, the last logged metrics and the run's total training time.
+    ``project``: see ``common.optim.adamw``.
     """
+    t_begin = time.perf_counter()
     tc = config.train
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    tx, schedule = adamw(config.optim, project)
+    tx, schedule = adamw(resolve_optim(config), project)
     rng = jax.random.key(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     state, shardings = create_state(init_fn, tx, mesh, init_rng, rules)
@@ -202,9 +254,10 @@ def train(
         async_save=tc.async_checkpoint,
     )
     restored = ckpt.restore_latest(state)
-    resumed_from = None
+    resumed_from, loop = None, {}
     if restored is not None:
         resumed_from, state, data_state = restored
+        data_state, loop = _split_data_state(data_state)
         train_data.set_state(data_state)
         log.info("resumed from step %d in %s", resumed_from, workdir)
         print(f"resumed from checkpoint step {resumed_from}", flush=True)
@@ -226,7 +279,9 @@ def train(
         flush=True,
     )
 
-    last_good, eval_metrics = resumed_from, {}
+    prior_s = float(loop.get("train_s", 0.0))
+    resumes = int(loop.get("resumes", 0)) + (restored is not None)
+    last_good, eval_metrics, train_metrics, step_times = resumed_from, {}, {}, []
     t_last, steps_since = time.perf_counter(), 0
     try:
         for step in range(start, tc.steps):
@@ -259,21 +314,35 @@ def train(
                     dt = (time.perf_counter() - t_last) / steps_since
                     t_last, steps_since = time.perf_counter(), 0
                     metrics["step_time_s"] = dt
+                    step_times.append(dt)
                     if tokens_per_step:
                         metrics["tokens_per_s"] = tokens_per_step / dt
                     if images_per_step:
                         metrics["images_per_s"] = images_per_step / dt
                     if peak:
                         metrics["mfu"] = flops_per_step / dt / peak
-                writer.write(done, metrics)
+                train_metrics = {k: float(v) for k, v in metrics.items()}
+                writer.write(done, train_metrics)
             if evaluate is not None and (done % tc.eval_every == 0 or done == tc.steps):
                 eval_metrics = evaluate(eval_params(state), done)
                 writer.write(done, eval_metrics, split="eval")
                 t_last, steps_since = time.perf_counter(), 0  # eval time is not step time
             if is_ckpt:
-                ckpt.save(done, state, train_data.get_state())
+                totals = {"train_s": prior_s + time.perf_counter() - t_begin, "resumes": resumes}
+                ckpt.save(done, state, {_ITERATOR: train_data.get_state(), _LOOP: totals})
                 last_good = done
     finally:
         ckpt.close()
         writer.close()
-    return TrainResult(state=state, eval_metrics=eval_metrics, resumed_from=resumed_from)
+    step_time = statistics.median(step_times) if step_times else None
+    return TrainResult(
+        state=state,
+        eval_metrics=eval_metrics,
+        resumed_from=resumed_from,
+        train_metrics=train_metrics,
+        step_time_s=step_time,
+        tokens_per_s=tokens_per_step / step_time if step_time and tokens_per_step else None,
+        images_per_s=images_per_step / step_time if step_time and images_per_step else None,
+        train_s=prior_s + time.perf_counter() - t_begin,
+        resumes=resumes,
+    )

@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -173,3 +173,38 @@ class BPETokenizer:
                 f"install it with `{GPT2_INSTALL_HINT}`."
             )
         return cls.from_gpt2_files(data / "encoder.json", data / "vocab.bpe")
+
+
+TOKENIZER_KINDS = ("bpe", "gpt2")
+
+
+def load_or_train_bpe(
+    workdir: str | os.PathLike[str],
+    texts: Iterable[str] | Callable[[], Iterable[str]],
+    vocab_size: int,
+    *,
+    kind: str = "bpe",
+    filename: str = "tokenizer.json",
+) -> BPETokenizer:
+    """The run's tokenizer: ``kind="gpt2"`` GPT-2's own; ``kind="bpe"`` a vocabulary of
+    ``vocab_size`` trained on ``texts`` once and kept as ``workdir/filename``, so a resumed
+    run reads the same ids back (``texts`` may be a function, called only when training).
+
+    Every process trains the same deterministic vocabulary; only process 0 writes the file.
+    """
+    import jax
+
+    if kind == "gpt2":
+        return BPETokenizer.gpt2()
+    if kind != "bpe":
+        raise ValueError(f"data.tokenizer={kind!r} is not one of {TOKENIZER_KINDS}")
+    path = os.path.join(os.fspath(workdir), filename)
+    if os.path.exists(path):
+        return BPETokenizer.load(path)
+    tok = BPETokenizer.train(texts() if callable(texts) else texts, vocab_size)
+    if jax.process_index() == 0:
+        os.makedirs(os.fspath(workdir), exist_ok=True)
+        tmp = f"{path}.tmp"
+        tok.save(tmp)
+        os.replace(tmp, path)  # a kill never leaves half a vocabulary behind
+    return tok

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -162,3 +162,27 @@ class WordPieceTokenizer:
         )
         tokenizer.train_from_iterator(texts, trainer=trainer)
         return cls(tokenizer, lowercase)
+
+
+def load_or_train_wordpiece(
+    workdir: str | os.PathLike[str],
+    texts: Iterable[str] | Callable[[], Iterable[str]],
+    vocab_size: int,
+    *,
+    lowercase: bool = True,
+    filename: str = "vocab.txt",
+) -> WordPieceTokenizer:
+    """The run's WordPiece vocabulary: trained on ``texts`` once (``texts`` may be a function,
+    called only when training) and kept as ``workdir/filename`` (BERT's ``vocab.txt``), so a
+    resumed run reads the same ids back. Only process 0 writes the file."""
+    import jax
+
+    path = os.path.join(os.fspath(workdir), filename)
+    if os.path.exists(path):
+        return WordPieceTokenizer.from_vocab_file(path, lowercase=lowercase)
+    tok = WordPieceTokenizer.train(texts() if callable(texts) else texts, vocab_size, lowercase)
+    if jax.process_index() == 0:
+        os.makedirs(os.fspath(workdir), exist_ok=True)
+        tok.save_vocab(f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)  # a kill never leaves half a vocabulary behind
+    return tok

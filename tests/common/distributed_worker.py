@@ -3,7 +3,9 @@
 usage: python distributed_worker.py OUT.npz [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
 Trains gpt-tiny for a few steps on a mesh over every device of every process, each process
-feeding only its rows of the global batch, and writes the gathered params from process 0.
+feeding only its rows of the global batch, then evaluates it with the shared evaluators
+(``common.evaluation``: sliding-window LM nats, a batched predict loop and the classification
+metrics of its argmax), and writes the gathered params and the evaluations from process 0.
 """
 
 import sys
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from common import optim, sharding, training
+from common import evaluation, optim, sharding, training
 from common.data.packing import PackedWindows
 from nlp import gpt
 
@@ -40,12 +42,25 @@ def main(out: str, *dist: str) -> None:
         state, m = step(state, sharding.put_batch(next(data), mesh), jax.random.key(1))
         losses.append(float(m["loss"]))
     params = multihost_utils.process_allgather(state.params, tiled=True)
+
+    # Evaluation: 2 global windows per device, an uneven last batch in both evaluators.
+    lm_eval = evaluation.lm_evaluator(model, mesh, batch_size=8, stride=model.max_len // 2)
+    nats, count = lm_eval(state.params, tokens[:1500])
+    predict = evaluation.predictor(
+        lambda p, b: model.apply({"params": p}, b["inputs"])[:, -1], mesh, batch_size=8
+    )
+    inputs = tokens[: 21 * 16].reshape(21, 16)
+    logits = predict(state.params, {"inputs": inputs})  # [21, vocab]
+    labels = tokens[16 : 21 * 16 + 16 : 16] % 5  # arbitrary 5-class labels
+    cls = evaluation.classification_metrics(logits.argmax(-1) % 5, labels, 5)
     if jax.process_index() == 0:
         flat = {
             jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
         }
-        np.savez(out, losses=np.asarray(losses), devices=jax.device_count(), **flat)
+        evals = {"eval_nats": nats, "eval_count": count, "predict_logits": logits}
+        evals.update({f"eval_{k}": v for k, v in cls.items()})
+        np.savez(out, losses=np.asarray(losses), devices=jax.device_count(), **evals, **flat)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,19 @@ def test_parameter_ema_resumes_exactly_and_is_what_evaluation_sees(tmp_path):
         optim.ema_params(resumed.state.opt_state),
         ema,
     )
+
+
+def test_result_carries_throughput_metrics_and_train_time_across_resumes(tmp_path):
+    first = run(tmp_path, steps=4)
+    assert (first.resumes, first.resumed_from) == (0, None)
+    assert first.train_metrics.keys() >= {"loss", "grad_norm", "step_time_s"}
+    assert first.step_time_s > 0 and first.train_s > first.step_time_s * 3
+    assert first.tokens_per_s is None  # no tokens_per_step given
+    second = run(tmp_path, steps=6)  # a resume: adds to the time of the first process
+    third = run(tmp_path, steps=8)
+    assert (second.resumes, third.resumes) == (1, 2)
+    assert third.resumed_from == 6
+    assert third.train_s > second.train_s > first.train_s
+    summary = third.summary()
+    assert summary["steps"] == 8 and summary["resumes"] == 2
+    assert summary["train_s"] == third.train_s
