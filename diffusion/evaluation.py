@@ -37,10 +37,10 @@ import optax
 
 # The pinned classifier: changing any field trains (and caches) a new one.
 CLASSIFIER_CONFIG: dict[str, Any] = dict(
-    channels=(32, 64),
+    channels=(16, 32),
     features=128,
     dropout=0.3,
-    steps=1500,
+    steps=1200,
     batch_size=128,
     lr=2e-3,
     seed=0,
@@ -51,7 +51,7 @@ CLASSIFIER_CONFIG: dict[str, Any] = dict(
 class FeatureClassifier(nn.Module):
     """Two conv-conv-pool stages, a ``features``-wide hidden layer (the FD features), logits."""
 
-    channels: tuple[int, ...] = (32, 64)
+    channels: tuple[int, ...] = (16, 32)
     features: int = 128
     num_classes: int = 10
     dropout: float = 0.3
