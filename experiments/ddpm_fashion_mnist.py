@@ -65,8 +65,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # XLA's one CPU device using every core (common.sharding.use_cpu_devices): on the shared
-    # 2-core machine two one-thread devices spent 7.7 CPU-s per step of this model, one device
-    # 4.7 CPU-s per step of one with 2.6x its FLOPs. Accelerators are unaffected.
+    # 2-core machine two one-thread devices cost this model's step more CPU time than one
+    # device (their gradient all-reduce waits). Accelerators are unaffected.
     c.cpu_devices = 0
     c.data = dict(
         data_dir="",  # tfds data dir; "" = tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
