@@ -16,9 +16,12 @@ def test_smoke_run_learns_resumes_and_reports(tfds_dir, tmp_path, capsys):
     config = exp.get_config("smoke")
     config.data.data_dir = tfds_dir
     config.eval.classifier_cache = str(tmp_path / "pinned")
-    config.train.steps = 15  # the first run stops at the step-15 checkpoint
-    exp.main(config, workdir)
+    config.train.steps = 15  # the first run stops at the step-15 checkpoint, unevaluated
+    config.eval.enabled = False
+    first = exp.main(config, workdir)
+    assert first["steps"] == 15 and "class_acc" not in first
     config.train.steps = 30
+    config.eval.enabled = True
     summary = exp.main(config, workdir)
     out = capsys.readouterr().out
     assert "resumed from checkpoint step 15" in out
