@@ -206,6 +206,7 @@ def make_sampler(
     tables = {k: jnp.asarray(v) for k, v in step_tables(schedule, ts).items()}
     mesh = mesh or sharding_lib.make_mesh()
     batch_spec = PartitionSpec(sharding_lib.MESH_AXES)
+    stochastic = method == "ddpm" or eta > 0
 
     def constrain(x):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec))
@@ -230,9 +231,12 @@ def make_sampler(
 
         def body(x, xs):
             i, row = xs
-            out = model_out(params, x, row["t"], cond, scale).astype(jnp.float32)
-            noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-            noise = constrain(noise)
+            out = model_out(params, x, row["t"], cond, scale).astype(jnp.float32)  # [b, ...]
+            if stochastic:
+                noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+                noise = constrain(noise)
+            else:  # deterministic DDIM: no noise to draw
+                noise = jnp.zeros((), jnp.float32)
             if method == "ddpm":
                 x, _ = ddpm_step(
                     out,
@@ -271,7 +275,7 @@ def make_sampler(
                 f"a batch of {x_T.shape[0]} cannot be split over the mesh's {n_dev} devices"
             )
         if rng is None:
-            if method == "ddpm" or eta > 0:
+            if stochastic:
                 raise ValueError("a stochastic sampler needs an rng")
             rng = jax.random.key(0)
         put = lambda a: jax.device_put(
