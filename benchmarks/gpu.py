@@ -1,6 +1,6 @@
 """GPU checks in one run: matmul peak, attention kernels, sparse attention, MFU against torch.
 
-    python -m benchmarks.gpu [--quick] [--sections peak attention sparse gpt swin]
+    python -m benchmarks.gpu [--quick] [--sections peak attention sparse gpt swin diffusion]
 
 For a lent GPU (these machines have none; ``benchmarks/README.md`` has the latest run).
 Every section is independent: one that fails prints its traceback and the run goes on. All
@@ -29,8 +29,15 @@ compute is bfloat16 with float32 parameters and softmax.
 * ``swin``: the Swin-T train step at 224, batch 64, ours (bf16) against HF
   ``SwinForImageClassification`` under autocast (the builders of ``benchmarks.swin``).
 
+* ``diffusion``: the DDPM CIFAR-10 UNet (35.7M, ``ddpm-cifar10``'s layout) train step at
+  32 x 32, batch 128, and 50-step DDIM sampling of 256 images, ours (bf16 compute, the
+  whole sampling loop one compiled scan) against diffusers' ``UNet2DModel`` under
+  ``torch.autocast(bfloat16)`` with ``DDIMScheduler`` in a Python loop, from the same
+  weights and noise (the builders of ``benchmarks.diffusion``).
+
 The last line is ``RESULT gpu=<name> bf16_peak_tflops=... attention_fused=<0|1>
-gpt2_mfu=... gpt2_ratio_vs_torch=... swin_ratio_vs_torch=... fixed_speedup_64k=...``
+gpt2_mfu=... gpt2_ratio_vs_torch=... swin_ratio_vs_torch=... fixed_speedup_64k=...
+unet_step_ratio_vs_torch=... ddim_ratio_vs_torch=...``
 (keys of sections that did not run are left out).
 """
 
@@ -44,6 +51,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -57,7 +65,7 @@ import numpy as np  # noqa: E402
 from common import attention as attn  # noqa: E402
 from common import sparse_attention  # noqa: E402
 
-SECTIONS = ("peak", "gpt", "attention", "sparse", "swin")
+SECTIONS = ("peak", "gpt", "attention", "sparse", "swin", "diffusion")
 ATTN_HEADS, ATTN_DIM, ATTN_TOKENS = 12, 64, 32768  # per call: batch = tokens / length
 ATTN_LENGTHS = (1024, 4096, 16384)
 MATERIALISED_UP_TO = 4096  # "xla" and "einsum" hold [b, h, n, n] scores: not beyond this
@@ -361,6 +369,61 @@ def section_swin(quick: bool) -> dict:
     return {"swin_ratio_vs_torch": step_ours / step_torch}
 
 
+def section_diffusion(quick: bool) -> dict:
+    import torch
+
+    from benchmarks import diffusion as bdiff
+    from benchmarks.harness import alternate
+
+    channels = (32, 64) if quick else (128, 256, 256, 256)  # ddpm-cifar10
+    batch, sample_batch = (2, 2) if quick else (128, 256)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tm = bdiff.torch_unet(channels)
+    inputs = bdiff.train_inputs(batch)
+    res, c = bdiff.RESOLUTION, bdiff.CHANNELS_IN
+    x_T = np.random.default_rng(1).standard_normal((sample_batch, res, res, c)).astype(np.float32)
+    ddim_ours = bdiff.build_ours_ddim(tm, x_T, jnp.bfloat16)
+    ddim_torch = bdiff.build_torch_ddim(copy.deepcopy(tm).to(device), x_T, autocast=torch.bfloat16)
+    ours = bdiff.build_ours_train(tm, inputs, jnp.bfloat16)
+    theirs = bdiff.build_torch_train(tm.to(device), inputs, autocast=torch.bfloat16)
+    print(f"DDPM UNet {channels} {res}px, train batch {batch}, DDIM batch {sample_batch}")
+    step_ours, step_torch = _race(ours, theirs, quick)
+    t = time.perf_counter()
+    s_ours = ddim_ours(1)
+    compile_s = time.perf_counter() - t
+    err = float(np.abs(s_ours - ddim_torch(1)).max())
+    print(
+        f"DDIM-{bdiff.DDIM_STEPS}: max |ours - torch| {err:.3f} (bf16); ours compile "
+        f"{compile_s:.1f}s"
+    )
+
+    def drained(run):
+        def go(n):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return run(n)
+
+        return go
+
+    times = alternate(
+        {"ours": drained(ddim_ours), "torch": drained(ddim_torch)}, 2 if quick else 4, 1
+    )[0]
+    d_ours, d_torch = statistics.median(times["ours"]), statistics.median(times["torch"])
+    print(
+        f"| DDPM UNet (bf16) | ours | torch | ours / torch |\n|---|---|---|---|\n"
+        f"| train step ms | {step_ours * 1e3:.1f} | {step_torch * 1e3:.1f} | "
+        f"{step_ours / step_torch:.3f} |\n"
+        f"| DDIM-{bdiff.DDIM_STEPS} of {sample_batch}, ms | {d_ours * 1e3:.0f} | "
+        f"{d_torch * 1e3:.0f} | {d_ours / d_torch:.3f} |\n"
+        f"| sampled images/s | {sample_batch / d_ours:.0f} | {sample_batch / d_torch:.0f} | |",
+        flush=True,
+    )
+    return {
+        "unet_step_ratio_vs_torch": step_ours / step_torch,
+        "ddim_ratio_vs_torch": d_ours / d_torch,
+    }
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -399,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
                 result.update(section_gpt(args.quick, peak))
             elif name == "swin":
                 result.update(section_swin(args.quick))
+            elif name == "diffusion":
+                result.update(section_diffusion(args.quick))
         except Exception:  # noqa: BLE001 - one failing section must not hide the others
             traceback.print_exc()
     print(f"\ntotal wall time {time.perf_counter() - start:.0f}s")

@@ -56,6 +56,10 @@ _HF_WEIGHT_FILES = (
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
+    # diffusers' model folders (UNet, autoencoder, ControlNet)
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
 )
 
 
@@ -207,7 +211,7 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
 
     Floating tensors come back as float32 (bfloat16 / float16 upcast); integer buffers keep
     their dtype. A directory is searched for ``model.safetensors`` (or its sharded index),
-    then ``pytorch_model.bin`` (or its index).
+    then ``pytorch_model.bin`` (or its index), then diffusers' ``diffusion_pytorch_model.*``.
     """
     if isinstance(source, Mapping):
         raw = source
@@ -281,6 +285,17 @@ class StateDict:
         ``{prefix}.bias`` ``[n_out]``. GPT's ``Conv1D`` is already ``[in, out]``: use ``take``.
         """
         out = {"kernel": self.take(f"{prefix}.weight", (n_out, n_in)).T}
+        if bias:
+            out["bias"] = self.take(f"{prefix}.bias", (n_out,))
+        return out
+
+    def conv2d(
+        self, prefix: str, n_in: int, n_out: int, kernel: tuple[int, int], *, bias: bool = True
+    ) -> dict[str, np.ndarray]:
+        """A torch ``nn.Conv2d`` as our ``nn.Conv`` params: ``{"kernel": [kh, kw, in, out],
+        "bias": [out]}`` from torch's ``[out, in, kh, kw]`` weight."""
+        w = self.take(f"{prefix}.weight", (n_out, n_in, *kernel))
+        out = {"kernel": np.transpose(w, (2, 3, 1, 0))}
         if bias:
             out["bias"] = self.take(f"{prefix}.bias", (n_out,))
         return out
