@@ -12,6 +12,7 @@ Pillow only (no plotting library): every function returns a ``PIL.Image.Image`` 
   binary masks side by side. ``shifted_window_picture`` puts the two together to show Swin's
   shifted-window attention (Liu et al. 2021, figure 2 and section 3.2).
 * ``curves``: metrics against steps, one coloured polyline per series.
+* ``save_images``: pictures as PNG files in the workdir and TensorBoard image summaries.
 """
 
 from __future__ import annotations
@@ -33,6 +34,27 @@ def save(image: Image.Image, path: str | os.PathLike[str]) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+def save_images(
+    workdir: str | os.PathLike[str], images: Mapping[str, Image.Image], step: int | None = None
+) -> list[str]:
+    """Process 0 writes each ``images[name]`` to ``workdir/<name>.png`` and, with ``step``, as
+    a TensorBoard image summary ``name`` in ``workdir/tb`` (tensorboardX, beside the training
+    scalars of ``common.metrics.MetricWriter``); returns the PNG paths (empty elsewhere)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return []
+    paths = [save(image, os.path.join(workdir, f"{name}.png")) for name, image in images.items()]
+    if step is not None and images:
+        from tensorboardX import SummaryWriter
+
+        tb = SummaryWriter(os.path.join(workdir, "tb"))
+        for name, image in images.items():
+            tb.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        tb.close()
+    return paths
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -17,7 +17,12 @@ same sample count, since the estimate is biased upward at small counts).
 * ``inception_features``: for a user who has Inception weights as a local TorchScript file
   (e.g. the ``pt_inception-2015-12-05`` feature extractor that clean-fid / torch-fidelity
   use); nothing is ever downloaded.
-* ``image_grid``: rows of images as one uint8 array for PNG files and TensorBoard.
+* ``evaluate_samples``: what a class-conditional image diffusion experiment reports of its
+  samples: the class accuracy of guided samples, the Frechet distances of several samplers
+  beside the floor, a guidance-scale sweep, and the picture grids (per-class samples, one
+  trajectory per class, the sweep) as ``PIL`` images for ``common.plots.save_images``;
+  built on ``draw`` (a sampler in fixed-size compiled calls), ``balanced_labels`` and
+  ``rows_grid``. ``to_unit_range`` / ``from_unit_range``: uint8 pixels <-> ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -79,8 +85,9 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def to_uint8(x: Any) -> np.ndarray:
-    """``[-1, 1]`` floats -> uint8, clipped."""
+def from_unit_range(x: Any) -> np.ndarray:
+    """``[-1, 1]`` floats (any shape) -> uint8 pixels, clipped: the inverse of
+    ``to_unit_range``."""
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -146,17 +153,24 @@ def train_classifier(
 
 
 def pinned_classifier(
-    cache_dir: str,
+    cache_dir: str | None,
     data_dir: str | None = None,
     config: dict[str, Any] | None = None,
     *,
     log=print,
 ) -> PinnedClassifier:
     """The classifier of ``config`` (default ``CLASSIFIER_CONFIG``), trained on first use
-    and read back from ``cache_dir/fashion_mnist_classifier-<hash>/`` afterwards."""
+    and read back from ``cache_dir/fashion_mnist_classifier-<hash>/`` afterwards.
+    ``cache_dir`` None or "": ``landmarks_pinned`` in the tfds data dir (``data_dir``, else
+    ``TFDS_DATA_DIR``, else ``~/tensorflow_datasets``), beside the images it was trained on."""
     from common.data import fashion_mnist
 
     config = dict(CLASSIFIER_CONFIG if config is None else config)
+    if not cache_dir:
+        tfds_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+        cache_dir = os.path.join(
+            tfds_dir or os.path.expanduser("~/tensorflow_datasets"), "landmarks_pinned"
+        )
     path = os.path.join(cache_dir, f"fashion_mnist_classifier-{config_hash(config)}")
     model = FeatureClassifier(
         channels=tuple(config["channels"]), features=config["features"], dropout=config["dropout"]
@@ -236,22 +250,163 @@ def inception_features(path: str, images: np.ndarray, batch: int = 100) -> np.nd
     return np.concatenate(out).astype(np.float64)
 
 
-def image_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
-    """uint8 ``[H, W, c]`` grid of ``rows``, each ``[n, h, w, c]`` uint8 (same ``h, w, c``)."""
-    n = max(len(r) for r in rows)
-    h, w, c = rows[0].shape[1:]
-    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y : y + h, x : x + w] = img
-    return grid
+# --------------------------------------------------------------------------- samples
 
 
-def save_png(path: str, grid: np.ndarray, scale: int = 2) -> None:
-    from PIL import Image
+def balanced_labels(n: int, num_classes: int) -> np.ndarray:
+    """int32 ``[n]`` cycling through the classes: every class equally often (to within one)."""
+    return (np.arange(n) % num_classes).astype(np.int32)
 
-    img = grid[..., 0] if grid.shape[-1] == 1 else grid
-    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(
-        path
+
+def draw(
+    sampler: Callable[..., Any],
+    params: Any,
+    labels: np.ndarray,
+    rng: jax.Array,
+    batch: int,
+    image_shape: Sequence[int],
+    guidance_scale: float = 1.0,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Samples ``[n, h, w, c]`` for ``labels [n]`` from ``sampler(params, x_T, labels, rng,
+    guidance_scale)`` (``diffusion.sampling.make_unet_sampler``) in compiled calls of ``batch``
+    images, the last one padded with label 0; chunk ``i`` draws its noise from
+    ``fold_in(rng, i)``. With a sampler that returns its trajectory, also the trajectory
+    ``[steps, n, h, w, c]``."""
+    outs, trajs = [], []
+    for i in range(0, len(labels), batch):
+        chunk = np.asarray(labels[i : i + batch])
+        n = len(chunk)
+        chunk = np.concatenate([chunk, np.zeros(batch - n, chunk.dtype)])
+        key = jax.random.fold_in(rng, i)
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), (batch, *image_shape))
+        out = sampler(params, x_T, chunk, jax.random.fold_in(key, 1), guidance_scale)
+        if isinstance(out, tuple):
+            out, traj = out
+            trajs.append(np.asarray(traj)[:, :n])
+        outs.append(np.asarray(out)[:n])
+    samples = np.concatenate(outs)
+    return (samples, np.concatenate(trajs, axis=1)) if trajs else samples
+
+
+def rows_grid(rows: Sequence[np.ndarray], scale: int = 2):
+    """``common.plots.image_grid`` of ``rows`` (each ``[k, h, w, c]`` in ``[-1, 1]``), one
+    grid row each; shorter rows end in white cells."""
+    from common import plots
+
+    cols = max(len(r) for r in rows)
+    white = np.full(rows[0].shape[1:], 255, np.uint8)
+    tiles = [t for r in rows for t in [*from_unit_range(r), *[white] * (cols - len(r))]]
+    return plots.image_grid(tiles, len(rows), cols, scale=scale)
+
+
+def evaluate_samples(
+    make_sampler: Callable[..., Callable[..., Any]],
+    params: Any,
+    classifier: PinnedClassifier,
+    reference: np.ndarray,
+    real: np.ndarray,
+    options: Any,
+    *,
+    num_timesteps: int,
+    num_classes: int,
+    seed: int,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Scores a class-conditional sampler; returns ``(summary, grids)``.
+
+    ``make_sampler(method=, steps=, variance=, guided=, trajectory=)`` builds a sampler for
+    ``draw`` (e.g. ``functools.partial(sampling.make_unet_sampler, model, schedule, mesh=..)``);
+    ``reference``: uint8 real images whose ``classifier`` features are the FD reference (the
+    test set); ``real``: uint8 real images of which ``options.fd_samples`` (drawn with
+    ``seed``) give the real-vs-real floor ``fd_floor``. ``options`` (an experiment's ``eval``
+    section) has ``ddim_steps`` (S), ``guidance_scale``, ``class_acc_samples``,
+    ``fd_samples``, ``sample_batch``, ``guidance_sweep``, ``trajectory_frames``,
+    ``ancestral_variances`` and ``inception_path`` ("" for none).
+
+    * ``class_acc``: the share of guided DDIM-S samples (eta 0, ``guidance_scale``, every class
+      equally often) that ``classifier`` assigns to their class.
+    * ``fd_ddim<S>``, ``fd_ancestral<S>``, ``fd_ancestral<T>_<variance>`` and the better of
+      the last, ``fd_ancestral<T>``: Frechet distances of unguided conditional samples; with
+      ``inception_path`` also ``fid_*``; ``sample_s_*``: the seconds each sampler took.
+    * ``guidance_sweep_class_acc``: class accuracy per scale over ``sample_batch`` samples,
+      the same noise at every scale.
+    * grids: ``samples_ddim<S>`` (a row per class), ``trajectory`` (one guided trajectory per
+      class, ``trajectory_frames`` frames from the first step), ``guidance_sweep`` (a row per
+      scale).
+    """
+    o, S, T, B = options, options.ddim_steps, num_timesteps, options.sample_batch
+    image_shape = reference.shape[1:]
+    ref = feature_stats(classifier.features(to_unit_range(reference)))
+    out: dict[str, Any] = {
+        "classifier_test_accuracy": classifier.test_accuracy,
+        "classifier": os.path.basename(classifier.path),
+        "fd_features": f"penultimate layer ({classifier.model.features}) of the pinned "
+        "Fashion-MNIST classifier; not Inception FID",
+        "fd_samples": o.fd_samples,
+        "class_acc_samples": o.class_acc_samples,
+        "guidance_scale": o.guidance_scale,
+    }
+    real = real[np.random.default_rng(seed).choice(len(real), o.fd_samples, replace=False)]
+    fd = lambda x: frechet_distance(*feature_stats(classifier.features(x)), *ref)
+    out["fd_floor"] = fd(to_unit_range(real))
+    log(f"FD floor (real train vs test, {o.fd_samples} images): {out['fd_floor']:.4f}")
+    inception = None
+    if o.inception_path:
+        inc = lambda x: feature_stats(inception_features(o.inception_path, x))
+        inc_ref = inc(reference)
+        inception = lambda x: frechet_distance(*inc(x), *inc_ref)
+        out["fid_floor"] = inception(real)
+
+    key = jax.random.key(seed + 1)
+    grids = {}
+    # Guided DDIM (one compiled sampler at batch B, keeping its trajectory): class accuracy,
+    # the per-class grid, one trajectory per class, the guidance sweep.
+    ddim_guided = make_sampler(method="ddim", steps=S, guided=True, trajectory=True)
+    labels = balanced_labels(o.class_acc_samples, num_classes)
+    t = time.time()
+    samples, traj = draw(
+        ddim_guided, params, labels, jax.random.fold_in(key, 0), B, image_shape, o.guidance_scale
     )
+    out[f"sample_s_ddim{S}_guided"] = time.time() - t
+    out["class_acc"] = float(np.mean(classifier.logits(samples).argmax(-1) == labels))
+    log(
+        f"class_acc={out['class_acc']:.4f} (guided DDIM-{S}, scale {o.guidance_scale}, "
+        f"{len(labels)} samples)"
+    )
+    grids[f"samples_ddim{S}"] = rows_grid([samples[labels == k][:10] for k in range(num_classes)])
+    first = [int(np.flatnonzero(labels == k)[0]) for k in range(num_classes)]
+    frames = np.linspace(0, S - 1, o.trajectory_frames).round().astype(int)
+    grids["trajectory"] = rows_grid([traj[frames, i] for i in first])
+    del traj
+
+    sweep_labels = balanced_labels(B, num_classes)
+    sweep_rows, sweep_acc = [], {}
+    for scale in o.guidance_sweep:  # the same noise at every scale
+        x, _ = draw(
+            ddim_guided, params, sweep_labels, jax.random.fold_in(key, 2), B, image_shape, scale
+        )
+        sweep_acc[str(scale)] = float(np.mean(classifier.logits(x).argmax(-1) == sweep_labels))
+        sweep_rows.append(x[:num_classes])
+    grids["guidance_sweep"] = rows_grid(sweep_rows)
+    out["guidance_sweep_class_acc"] = sweep_acc
+    out["guidance_sweep_samples"] = len(sweep_labels)
+
+    # Frechet distances: conditional samples without guidance, labels cycling the classes.
+    fd_labels = balanced_labels(o.fd_samples, num_classes)
+    runs = [(f"ddim{S}", "ddim", S, "small"), (f"ancestral{S}", "ddpm", S, "small")]
+    runs += [(f"ancestral{T}_{v}", "ddpm", T, v) for v in o.ancestral_variances]
+    for name, method, steps, variance in runs:
+        sampler = make_sampler(method=method, steps=steps, variance=variance)
+        t = time.time()
+        x = draw(sampler, params, fd_labels, jax.random.fold_in(key, 3), B, image_shape)
+        out[f"sample_s_{name}"] = time.time() - t
+        out[f"fd_{name}"] = fd(x)
+        if inception is not None:
+            out[f"fid_{name}"] = inception(from_unit_range(x))
+        log(
+            f"FD {name} (pinned-classifier features, not FID; {len(x)} samples): "
+            f"{out[f'fd_{name}']:.4f}  floor {out['fd_floor']:.4f}  "
+            f"[{out[f'sample_s_{name}']:.0f} s]"
+        )
+    out[f"fd_ancestral{T}"] = min(out[f"fd_ancestral{T}_{v}"] for v in o.ancestral_variances)
+    return out, grids

@@ -4,8 +4,10 @@
 ``[n, ...]`` arrays plus ``labels [n]``). With ``balanced=True`` each row first draws a label
 uniformly and then an example of that label, so every class is seen equally often whatever
 the class sizes (the genre task's training plays are 16 comedies, 10 histories and 8
-tragedies). Batch ``s`` is a pure function of ``(seed, s)``: the pipeline's state is one
-step counter, as in ``common.data.packing``. ``ShuffledBatches`` reads epochs, each a fresh
+tragedies); with ``balanced=False`` each row is a uniformly random example (the diffusion
+experiments' images), and ``transforms`` maps chosen arrays (e.g. uint8 pixels -> floats).
+Batch ``s`` is a pure function of ``(seed, s)``: the pipeline's state is one step counter, as
+in ``common.data.packing``. ``ShuffledBatches`` reads epochs, each a fresh
 permutation of the examples. ``CaptionedImages`` pairs each image with a caption of its
 class from a template (for CLIP where no human captions exist). ``eval_batches`` visits every
 example once in order, padding the last batch with zero-weight rows.
@@ -33,7 +35,8 @@ def _check(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 class LabelledBatches(StepBatches):
-    """Infinite iterator of batches ``{key: [rows, ...]}`` drawn from ``arrays``."""
+    """Infinite iterator of batches ``{key: [rows, ...]}`` drawn from ``arrays``;
+    ``transforms[key]`` (optional) maps the rows chosen from ``arrays[key]``."""
 
     def __init__(
         self,
@@ -43,9 +46,13 @@ class LabelledBatches(StepBatches):
         seed: int = 0,
         balanced: bool = True,
         process_rows: slice | None = None,
+        transforms: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     ):
         _check(arrays)
         self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.transforms = dict(transforms or {})
+        if unknown := sorted(set(self.transforms) - set(self.arrays)):
+            raise ValueError(f"transforms for {unknown}, which are not among {sorted(arrays)}")
         labels = self.arrays["labels"]
         self.classes = np.unique(labels)
         self.by_class = [np.flatnonzero(labels == c) for c in self.classes]
@@ -63,7 +70,11 @@ class LabelledBatches(StepBatches):
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices_at(step)[self.rows]
-        return {k: v[idx] for k, v in self.arrays.items()}
+        return {k: self.transforms.get(k, _same)(v[idx]) for k, v in self.arrays.items()}
+
+
+def _same(x: np.ndarray) -> np.ndarray:
+    return x
 
 
 class ShuffledBatches(StepBatches):

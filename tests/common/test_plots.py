@@ -3,6 +3,8 @@ overlay colours, mask panels, curve points), and bad inputs fail by name."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -116,3 +118,44 @@ def test_prediction_grid_captions_right_green_and_wrong_red_with_the_truth():
     assert colours(right) == {(255, 255, 255), (0, 130, 0)}
     assert colours(wrong) == {(255, 255, 255), (255, 0, 0), (0, 0, 0)}
     assert (pixels[12 + plots.LINE_HEIGHT + 1 :, 96:] == [255, 0, 0]).all(-1).sum() == 0
+
+
+def _tensorboard_images(tb_dir) -> dict[str, tuple[int, np.ndarray]]:
+    """``{tag: (step, RGB pixels)}`` of the image summaries in ``tb_dir``'s event files."""
+    import io
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for name in sorted(os.listdir(tb_dir)):
+        with open(os.path.join(tb_dir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):  # TFRecord framing: length, its crc, payload, its crc
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    found[v.tag] = (event.step, read(io.BytesIO(v.image.encoded_image_string)))
+    return found
+
+
+def test_save_images_writes_pngs_and_tensorboard_summaries(tmp_path):
+    rng = np.random.default_rng(1)
+    images = {
+        "gray": plots.image_grid(rng.integers(0, 256, (2, 3, 3), dtype=np.uint8), 1, 2, scale=2),
+        "rgb": plots.image_grid(rng.integers(0, 256, (1, 4, 5, 3), dtype=np.uint8), 1, 1),
+    }
+    paths = plots.save_images(tmp_path, images, step=7)
+    assert paths == [str(tmp_path / "gray.png"), str(tmp_path / "rgb.png")]
+    summaries = _tensorboard_images(tmp_path / "tb")
+    assert sorted(summaries) == ["gray", "rgb"]
+    for name, image in images.items():
+        np.testing.assert_array_equal(read(tmp_path / f"{name}.png"), np.asarray(image))
+        step, pixels = summaries[name]
+        assert step == 7
+        np.testing.assert_array_equal(pixels, np.asarray(image))
+    plots.save_images(tmp_path / "no_tb", images)  # no step: PNGs only
+    assert sorted(os.listdir(tmp_path / "no_tb")) == ["gray.png", "rgb.png"]

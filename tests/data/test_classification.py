@@ -41,6 +41,30 @@ def test_rows_stay_together_and_resume_is_exact():
         LabelledBatches(arrays, 8, seed=3).set_state(a.get_state())
 
 
+def test_uniform_draws_with_a_transform_follow_the_definition():
+    # balanced=False: row r of batch s is example rng([seed, s]).integers(n, size=batch)[r],
+    # whatever the classes; transforms apply to their array only, after the draw.
+    images = np.arange(6 * 2 * 2, dtype=np.uint8).reshape(6, 2, 2, 1)
+    labels = np.array([0, 0, 0, 0, 0, 1], np.int32)
+    to_float = lambda x: x.astype(np.float32) / 2
+    data = LabelledBatches(
+        {"images": images, "labels": labels},
+        5,
+        seed=3,
+        balanced=False,
+        process_rows=slice(1, 4),
+        transforms={"images": to_float},
+    )
+    for step in range(4):
+        idx = np.random.default_rng([3, step]).integers(6, size=5)[1:4]
+        batch = next(data)
+        np.testing.assert_array_equal(batch["images"], to_float(images[idx]))
+        assert batch["images"].dtype == np.float32
+        np.testing.assert_array_equal(batch["labels"], labels[idx])
+    with pytest.raises(ValueError, match="transforms for \\['pixels'\\]"):
+        LabelledBatches({"images": images, "labels": labels}, 4, transforms={"pixels": to_float})
+
+
 def test_eval_batches_cover_every_example_once():
     arrays = _arrays()
     batches = list(eval_batches(arrays, 32))

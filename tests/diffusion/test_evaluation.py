@@ -1,5 +1,6 @@
 """The Frechet distance against its closed form, and the helpers around it."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -41,8 +42,29 @@ def test_unit_range_round_trip_and_grid():
     img = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
     x = evaluation.to_unit_range(img)
     assert x.min() == -1 and x.max() == 1
-    np.testing.assert_array_equal(evaluation.to_uint8(x), img)
-    grid = evaluation.image_grid([np.repeat(img, 3, 0), img], pad=1)
-    assert grid.shape == (2 * 17 + 1, 3 * 17 + 1, 1)
-    np.testing.assert_array_equal(grid[1:17, 1:17], img[0])
-    np.testing.assert_array_equal(grid[18:34, 18:34], 255)  # second row has one image
+    np.testing.assert_array_equal(evaluation.from_unit_range(x), img)
+    np.testing.assert_array_equal(evaluation.from_unit_range([-2.0, 2.0]), [0, 255])  # clipped
+    grid = np.asarray(evaluation.rows_grid([np.repeat(x, 3, 0), x], scale=1))  # RGB
+    assert grid.shape == (2 * 16, 3 * 16, 3)
+    np.testing.assert_array_equal(grid[:16, 16:32, 0], img[0, ..., 0])
+    np.testing.assert_array_equal(grid[16:, :16, 1], img[0, ..., 0])
+    np.testing.assert_array_equal(grid[16:, 16:], 255)  # the second row has one image
+
+
+def test_balanced_labels_and_draw_in_padded_chunks():
+    np.testing.assert_array_equal(evaluation.balanced_labels(7, 3), [0, 1, 2, 0, 1, 2, 0])
+    calls = []
+
+    def sampler(params, x_T, labels, rng, guidance_scale):  # "denoises" to x_T + label
+        calls.append((len(labels), guidance_scale))
+        return x_T + params * labels[:, None, None, None]
+
+    labels, rng, shape = evaluation.balanced_labels(5, 3), jax.random.key(7), (2, 2, 1)
+    got = evaluation.draw(sampler, 10.0, labels, rng, 2, shape, guidance_scale=3.0)
+    assert calls == [(2, 3.0)] * 3  # 2 + 2 + 1 (padded) samples
+    for i in range(0, 5, 2):  # chunk i's noise: fold_in(fold_in(rng, i), 0)
+        x_T = jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), 0), (2, *shape))
+        want = (
+            np.asarray(x_T)[: len(labels[i : i + 2])] + 10.0 * labels[i : i + 2, None, None, None]
+        )
+        np.testing.assert_allclose(got[i : i + 2], want, rtol=1e-6)

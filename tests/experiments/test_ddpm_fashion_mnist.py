@@ -66,16 +66,16 @@ def test_bad_configs_are_refused():
         exp.get_config("huge")
 
 
-def test_batches_are_a_function_of_the_step():
-    images = np.arange(6 * 28 * 28, dtype=np.uint8).reshape(6, 28, 28, 1)
-    labels = np.array([0, 1, 2, 3, 4, 5])
-    data = exp.LabelledImages(images, labels, 4, seed=3)
-    b0 = next(data)
-    assert b0["images"].min() >= -1 and b0["images"].max() <= 1
-    for img, y in zip(b0["images"], b0["labels"], strict=True):  # each image keeps its label
-        np.testing.assert_array_equal(img, exp.evaluation.to_unit_range(images[y]))
-    state = data.get_state()
-    b1 = next(data)
-    again = exp.LabelledImages(images, labels, 4, seed=3)
-    again.set_state(state)
-    np.testing.assert_array_equal(next(again)["labels"], b1["labels"])
+def test_validate_config_names_the_bad_fields():
+    config = exp.get_config("smoke")
+    assert exp.validate_config(config) == []
+    config.diffusion.p_uncond = 1.0
+    config.eval.sample_batch = 0
+    problems = exp.validate_config(config)
+    assert len(problems) == 2
+    assert problems[0].startswith("diffusion.p_uncond=1.0 must be in [0, 1)")
+    assert problems[1].startswith("eval.sample_batch=0 must be a positive multiple")
+    config = exp.get_config("smoke")
+    config.eval.sample_batch = 8 * 2 + 1  # tests run on 8 simulated devices
+    (problem,) = exp.validate_config(config)
+    assert "eval.sample_batch=17" in problem and "8 devices" in problem
