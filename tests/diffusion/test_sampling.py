@@ -148,7 +148,7 @@ def _python_loop(model, params, schedule, x, labels, rng, ts, method, eta, scale
     return x
 
 
-@pytest.mark.parametrize("method, eta", [("ddpm", 0.0), ("ddim", 0.7)])
+@pytest.mark.parametrize("method, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
 def test_compiled_sampler_equals_python_loop(tiny, method, eta):
     model, params, schedule = tiny
     ts = [0, 7, 30, 31, 90]  # any increasing subset
