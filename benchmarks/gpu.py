@@ -393,8 +393,8 @@ def section_diffusion(quick: bool) -> dict:
     compile_s = time.perf_counter() - t
     err = float(np.abs(s_ours - ddim_torch(1)).max())
     print(
-        f"DDIM-{bdiff.DDIM_STEPS}: max |ours - torch| {err:.3f} (bf16); ours compile "
-        f"{compile_s:.1f}s"
+        f"DDIM-{bdiff.DDIM_STEPS}: max |ours - torch| {err:.3f} (bf16, random weights); "
+        f"ours compile {compile_s:.1f}s"
     )
 
     def drained(run):
