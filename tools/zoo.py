@@ -6,8 +6,9 @@ presets the forward FLOPs at the preset's resolution.
     python -m tools.zoo --no-flops # counts only (skips lowering the vision models)
 
 Each line is ``<preset>\t<parameter count>``, and for presets whose FLOPs are known (ViT,
-Swin, CLIP, SAM) two more columns: ``\t<forward FLOPs>\t<forward multiply-adds>``, with
-multiply-adds = FLOPs / 2 (the unit papers quote: Swin-T "4.5G FLOPs" are multiply-adds).
+Swin, CLIP, SAM, the DDPM UNet) two more columns:
+``\t<forward FLOPs>\t<forward multiply-adds>``, with multiply-adds = FLOPs / 2 (the unit
+papers quote: Swin-T "4.5G FLOPs" are multiply-adds).
 The FLOPs are XLA's cost analysis (``jax.jit(apply).lower(...).cost_analysis()``) of one
 forward pass on a batch of one image at the preset's resolution (CLIP: one image and one
 text of ``context_length`` tokens): every matmul and convolution at 2 FLOPs per
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from common.flops import lowered_flops
+from diffusion import unet as ddpm_unet
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from vision import clip, swin, vit
 from vision.sam import model as sam
@@ -99,6 +101,20 @@ def _sam() -> Iterator[Entry]:
         )
 
 
+def _ddpm_unet() -> Iterator[Entry]:
+    """DDPM UNet presets at 32 x 32 x 3, unconditional (diffusers UNet2DModel's count)."""
+    for name in ddpm_unet.PRESETS:
+        model = ddpm_unet.from_preset(name)
+        x, t, _ = ddpm_unet.example_inputs(model, 32)
+        yield (
+            name,
+            lambda m=model, x=x, t=t: m.init(
+                jax.random.key(0), jnp.zeros(x.shape, x.dtype), jnp.zeros(t.shape, t.dtype)
+            ),
+            lambda v, m=model, x=x, t=t: jax.jit(m.apply).lower(v, x, t),
+        )
+
+
 # One entry per family; later families add theirs here.
 FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
     lambda: _lm(gpt),
@@ -110,6 +126,7 @@ FAMILIES: tuple[Callable[[], Iterator[Entry]], ...] = (
     lambda: _images(swin),
     _clip,
     _sam,
+    _ddpm_unet,
 )
 
 

@@ -4,12 +4,13 @@ Swin paper's published figure)."""
 
 import pytest
 
+from diffusion import unet as ddpm_unet
 from nlp import bert, gpt, long_lm, sparse_transformer, transformer
 from tools import zoo
 from vision import clip, swin, vit
 from vision.sam import model as sam
 
-MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip, sam)
+MODULES = (gpt, sparse_transformer, long_lm, transformer, bert, vit, swin, clip, sam, ddpm_unet)
 
 
 @pytest.mark.slow
@@ -27,6 +28,7 @@ def test_zoo_lists_every_preset_once():
     # segment_anything's Sam: image encoder + prompt encoder (6,220) + mask decoder (4,058,340)
     assert rows["sam-vit-b"] == 93_735_472
     assert rows["sam-vit-h"] == 641_090_608
+    assert rows["ddpm-cifar10"] == 35_746_307  # diffusers UNet2DModel, google/ddpm-cifar10-32
 
 
 def _vit_macs(image: int, patch: int, layers: int, d: int, d_ff: int, classes: int) -> int:
